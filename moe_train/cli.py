@@ -1,0 +1,60 @@
+"""Command line: ``moe-train check`` and ``moe-train demo``.
+
+``check`` prints the resolved config, the batch arithmetic and the process-group layout
+for a world size without starting any process group, so a user can see what a launch
+will do before spending a queue slot on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_train.config import deepspeed_config, dump_config, load_config, validate
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set moe.top_k=2 (repeatable)")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from moe_train.parallel.topology import Topology
+
+    cfg = load_config(args.config, args.overrides)
+    plan = validate(cfg, args.world_size)
+    topo = Topology(args.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
+    print(f"# resolved config ({args.config})")
+    print(dump_config(cfg).rstrip())
+    print("\n# batch arithmetic")
+    print(f"world size {plan.world_size} x micro batch {plan.micro_batch_size} x grad accum "
+          f"{plan.grad_accum_steps} = global batch {plan.global_batch_size} sequences "
+          f"= {plan.tokens_per_step} tokens per step (seq_len {plan.seq_len})")
+    print(f"routing group: {plan.tokens_per_routing_group} tokens per rank per micro-step")
+    for name, cf in (("train", cfg.moe.capacity_factor), ("eval", cfg.moe.eval_capacity_factor)):
+        from moe_train.moe.router import expert_capacity
+
+        cap = expert_capacity(plan.tokens_per_routing_group, cfg.moe.num_experts, cfg.moe.top_k,
+                              cf, cfg.moe.min_capacity)
+        print(f"{name} capacity per expert per rank: " + ("dropless" if cap is None else str(cap)))
+    print("\n# process groups")
+    print("\n".join(topo.describe()))
+    print("\n# deepspeed config (derived)")
+    print(deepspeed_config(cfg, args.world_size))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a config for a world size and print the layout")
+    _add_config_args(check)
+    check.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")
+    check.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # user mistakes: one clear line, no traceback
+        print(f"moe-train {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,403 @@
+"""Typed configuration: one dataclass per concern, YAML only as storage.
+
+A run is described by a YAML file with the sections below. Every key is typed and
+checked; an unknown key, a wrong type or a bad value raises ``ValueError`` naming the
+dotted key and the value, e.g. ``moe.top_k = 9: must be <= moe.num_experts (8)``.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["moe.top_k=2"])
+    validate(cfg, world_size=4)          # cross-section checks needing the world size
+    ds = deepspeed_config(cfg, world_size=4)
+
+Components take their own section only (``MoELayer(cfg.moe, ...)``), never the whole
+config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from moe_train.data.config import DataConfig
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+DROP_POLICIES = ("position", "probs")
+BALANCE_SCOPES = ("local", "global")
+DTYPES = ("fp32", "bf16", "fp16")
+BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ValueError(f"{key} = {value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """The transformer around the MoE layers."""
+
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    d_ff: int = 2048  # dense MLP hidden width (non-MoE blocks)
+    max_seq_len: int = 1024
+    moe_every: int = 2  # block i has an MoE MLP when (i + 1) % moe_every == 0; 0 = no MoE
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                _fail(f"model.{name}", getattr(self, name), "must be > 0")
+        if self.d_model % self.num_heads:
+            _fail("model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
+        if self.moe_every < 0:
+            _fail("model.moe_every", self.moe_every, "must be >= 0 (0 disables MoE)")
+        if self.init_std <= 0:
+            _fail("model.init_std", self.init_std, "must be > 0")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: routing, capacity, losses, experts. Semantics: MOE_REFERENCE.md."""
+
+    num_experts: int = 8
+    top_k: int = 1
+    d_ff: int = 2048  # expert hidden width F
+    activation: str = "gelu"
+    capacity_factor: Optional[float] = 1.25  # training; null = dropless
+    eval_capacity_factor: Optional[float] = 2.0  # evaluation; null = dropless
+    min_capacity: int = 4
+    drop_policy: str = "position"
+    normalize_topk: Optional[bool] = None  # None: on for top_k > 1, off for top_k = 1
+    jitter_eps: float = 0.0  # multiplicative router-input jitter in training (Switch: 1e-2)
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    balance_scope: str = "local"
+    expert_impl: str = "auto"
+    seed: int = 1234  # expert weights are seeded by (seed, global expert id)
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            _fail("moe.num_experts", self.num_experts, "must be >= 1")
+        if not 1 <= self.top_k <= min(8, self.num_experts):
+            _fail("moe.top_k", self.top_k,
+                  f"must be between 1 and min(8, moe.num_experts = {self.num_experts})")
+        if self.d_ff <= 0:
+            _fail("moe.d_ff", self.d_ff, "must be > 0")
+        _choice("moe.activation", self.activation, ACTIVATIONS)
+        _choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
+        _choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                _fail(f"moe.{name}", value, "must be > 0, or null for dropless routing")
+        if self.min_capacity < 0:
+            _fail("moe.min_capacity", self.min_capacity, "must be >= 0")
+        if not 0.0 <= self.jitter_eps < 1.0:
+            _fail("moe.jitter_eps", self.jitter_eps, "must be in [0, 1)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"moe.{name}", getattr(self, name), "must be >= 0")
+
+    @property
+    def renormalize(self) -> bool:
+        """Whether the k gate weights are renormalised to sum to one."""
+        return self.top_k > 1 if self.normalize_topk is None else self.normalize_topk
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are arranged. Data parallelism spans the whole world; expert
+    parallelism splits each data-parallel group's experts over ``expert_parallel_size``."""
+
+    expert_parallel_size: int = 1
+    zero_stage: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    timeout_s: int = 600  # collective timeout; a hang becomes an error naming the rank
+
+    def validate(self) -> None:
+        if self.expert_parallel_size < 1:
+            _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
+        if self.zero_stage not in (0, 1, 2):
+            _fail("parallel.zero_stage", self.zero_stage,
+                  "must be 0, 1 or 2 (ZeRO-3 does not support MoE expert groups here)")
+        _choice("parallel.backend", self.backend, BACKENDS)
+        _choice("parallel.device", self.device, DEVICES)
+        if self.timeout_s <= 0:
+            _fail("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+    warmup_steps: int = 100
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            _fail("optim.lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail("optim.min_lr", self.min_lr, f"must be in [0, optim.lr = {self.lr}]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                _fail(f"optim.{name}", getattr(self, name), "must be >= 0")
+        if not self.eps > 0:
+            _fail("optim.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    # Sequence length and micro-batch size live in the data section (data.seq_len,
+    # data.micro_batch_size): the loader and the batch arithmetic read the same values.
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    eval_every: int = 0  # 0: no evaluation
+    eval_steps: int = 10
+    seed: int = 1234
+    dtype: str = "fp32"
+
+    def validate(self) -> None:
+        for name in ("grad_accum_steps", "max_steps"):
+            if getattr(self, name) <= 0:
+                _fail(f"train.{name}", getattr(self, name), "must be > 0")
+        for name in ("eval_every", "eval_steps"):
+            if getattr(self, name) < 0:
+                _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+        _choice("train.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = 0  # 0: only at the end and on preemption
+    keep_last: int = 2
+    resume: bool = True
+
+    def validate(self) -> None:
+        if not self.dir:
+            _fail("checkpoint.dir", self.dir, "must be a non-empty path")
+        if self.every_steps < 0:
+            _fail("checkpoint.every_steps", self.every_steps, "must be >= 0")
+        if self.keep_last < 1:
+            _fail("checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs"
+    every_steps: int = 10
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.every_steps <= 0:
+            _fail("logging.every_steps", self.every_steps, "must be > 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks each section on its own, then the ones that span sections."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            _fail("data.seq_len", self.data.seq_len,
+                  f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(key, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks ``value`` against a field's type annotation, with the YAML-friendly
+    widenings int -> float; returns the value to store."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, value, "must be a list")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            _fail(key, value, "must be a string")
+        return value
+    raise AssertionError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _build_section(cls: type, name: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        _fail(name, raw, "must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        _fail(f"{name}.{unknown[0]}", raw[unknown[0]],
+              f"unknown key; known keys of '{name}': {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Builds and validates a ``Config`` from nested plain data (parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown config section; known sections: "
+                         f"{', '.join(sections)}")
+    cfg = Config(**{name: _build_section(hints[name], name, raw.get(name)) for name in sections})
+    cfg.validate()
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"moe.top_k=2"`` -> (["moe", "top_k"], 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. moe.top_k=2")
+    key, _, value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ValueError(f"--set {text!r}: key must be section.key, e.g. moe.top_k")
+    return path, yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Loads a YAML config (or the defaults when ``path`` is None) and applies
+    ``--set section.key=value`` overrides. Raises ValueError naming file and key."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping of sections")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    try:
+        return config_from_dict(raw)
+    except ValueError as err:
+        where = f"config file {path}: " if path is not None else ""
+        raise ValueError(f"{where}{err}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ------------------------------------------------------------- world-size checks
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic for one world size. Every rank is a data-parallel rank (expert
+    parallelism splits experts, not the batch)."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    seq_len: int
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    @property
+    def tokens_per_routing_group(self) -> int:
+        """T of MOE_REFERENCE.md: one rank's micro-batch, flattened."""
+        return self.micro_batch_size * self.seq_len
+
+
+def validate(cfg: Config, world_size: int) -> BatchPlan:
+    """Validates ``cfg`` for ``world_size`` ranks; returns the batch arithmetic.
+
+    Raises ValueError naming the field when the world size and the config disagree.
+    """
+    cfg.validate()
+    from moe_train.parallel.topology import Topology  # pure arithmetic, no torch.distributed
+
+    Topology(world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
+    return BatchPlan(world_size, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
+                     cfg.data.seq_len)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config dict, derived from the typed config (never written by hand)."""
+    plan = validate(cfg, world_size)
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        "fp16": {"enabled": cfg.train.dtype == "fp16"},
+        "steps_per_print": 10 ** 9,  # moe_train logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }

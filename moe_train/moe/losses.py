@@ -1,0 +1,43 @@
+"""The one home of the MoE auxiliary-loss coefficients.
+
+Every MoE layer returns its load-balancing loss ``aux_loss`` and router z-loss
+``z_loss`` WITHOUT coefficients; this module is the only place they are applied:
+
+    loss = lm_loss + sum over MoE layers l of (alpha * aux_loss_l + c_z * z_loss_l)
+
+with ``alpha = moe.aux_loss_coef`` (Switch: 1e-2) and ``c_z = moe.z_loss_coef``
+(ST-MoE: 1e-3).
+
+Scaling under micro-batches and gradient accumulation: each micro-batch is one routing
+group per rank, so each layer's aux_loss and z_loss are per-micro-batch means (f and P
+are fractions, z is a mean over tokens) exactly like ``lm_loss`` (a mean over the
+micro-batch's tokens). The engine divides the whole sum by the number of accumulation
+steps before backward, and the data-parallel all-reduce averages over ranks, so the
+effective objective is the mean over all routing groups of the global batch of
+``lm_loss + sum_l(alpha * aux_l + c_z * z_l)``: the aux terms are never scaled twice
+and never summed over micro-batches. Under activation recomputation the layer's forward
+runs twice, but this sum is built once from the outputs of the outer forward, so the
+losses are counted once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from moe_train.config import MoEConfig
+
+
+def moe_aux_total(layer_losses: Iterable[tuple[Tensor, Tensor]], cfg: MoEConfig) -> Tensor:
+    """sum_l (aux_loss_coef * aux_l + z_loss_coef * z_l) over (aux_l, z_l) pairs."""
+    total = torch.zeros((), dtype=torch.float32)
+    for aux_loss, z_loss in layer_losses:
+        total = total.to(aux_loss.device) + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
+    return total
+
+
+def total_loss(lm_loss: Tensor, layer_losses: Iterable[tuple[Tensor, Tensor]], cfg: MoEConfig) -> Tensor:
+    """The training objective of one micro-batch (see the module docstring)."""
+    return lm_loss + moe_aux_total(layer_losses, cfg).to(lm_loss.dtype)

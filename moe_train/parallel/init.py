@@ -1,0 +1,130 @@
+"""Distributed start-up: where rank and world come from, which device and backend.
+
+Rank discovery, in order:
+  1. torchrun / the deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+  2. Slurm (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR must be set by
+     the sbatch script (from ``scontrol show hostnames``), never guessed from the login node.
+  3. MPI (mpirun/mpiexec): OMPI_COMM_WORLD_* / PMI_* variables, or mpi4py's COMM_WORLD;
+     rank 0's address is broadcast through MPI when MASTER_ADDR is unset.
+  4. Nothing: a single process, world size 1.
+
+The device and the backend are chosen here and nowhere else: CUDA + NCCL when a GPU is
+visible (``parallel.device: auto``), otherwise CPU + gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm", "mpi" or "single"
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> Optional[int]:
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _mpi_env(environ: Mapping[str, str]) -> Optional[tuple[int, int, int]]:
+    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "PMIX_"):
+        rank, size = _int_env(environ, prefix + "RANK"), _int_env(environ, prefix + "SIZE")
+        if rank is not None and size is not None:
+            local = _int_env(environ, prefix + "LOCAL_RANK") or _int_env(environ, "MPI_LOCALRANKID") or 0
+            return rank, size, local
+    return None
+
+
+def discover(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+    """Reads rank, world size and rendezvous address from the launcher's environment
+    (``os.environ`` by default). Raises ValueError naming the variable when it is
+    inconsistent."""
+    e = os.environ if environ is None else environ
+    port = _int_env(e, "MASTER_PORT") or 29500
+    addr = e.get("MASTER_ADDR", "")
+    if _int_env(e, "RANK") is not None and _int_env(e, "WORLD_SIZE") is not None:
+        rank, world, source = _int_env(e, "RANK"), _int_env(e, "WORLD_SIZE"), "torchrun"
+        local = _int_env(e, "LOCAL_RANK") or 0
+    elif _int_env(e, "SLURM_PROCID") is not None and _int_env(e, "SLURM_NTASKS") is not None:
+        rank, world, source = _int_env(e, "SLURM_PROCID"), _int_env(e, "SLURM_NTASKS"), "slurm"
+        local = _int_env(e, "SLURM_LOCALID") or 0
+        if world > 1 and not addr:
+            raise ValueError("MASTER_ADDR is not set under Slurm: export it in the sbatch script "
+                             "from the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`")
+    elif _mpi_env(e) is not None:
+        (rank, world, local), source = _mpi_env(e), "mpi"
+    else:
+        rank, world, local, source = 0, 1, 0, "single"
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world} (from the {source} environment)")
+    return DistEnv(rank, world, local, addr or "127.0.0.1", port, source)
+
+
+def choose_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``parallel.device``: auto picks CUDA (GPU ``local_rank``) when available."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("parallel.device = 'cuda': no CUDA device is visible on this host")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    """``parallel.backend``: auto is nccl on CUDA and gloo on CPU."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("parallel.backend = 'nccl' needs CUDA devices; use gloo (or auto) on CPU")
+    return backend
+
+
+def _mpi_master_addr(env: DistEnv) -> str:
+    """Under mpirun without MASTER_ADDR, rank 0 tells everyone its host name."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(socket.gethostname() if env.rank == 0 else None, root=0)
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600,
+                     env: Optional[DistEnv] = None) -> tuple[DistEnv, torch.device]:
+    """Initialises the default process group (when world > 1) and picks the device.
+
+    Returns:
+        (DistEnv, torch.device). A single process gets no process group at all.
+    """
+    env = env or discover()
+    dev = choose_device(device, env.local_rank)
+    if env.world_size == 1 or dist.is_initialized():
+        return env, dev
+    addr = env.master_addr
+    if env.source == "mpi" and "MASTER_ADDR" not in os.environ:
+        addr = _mpi_master_addr(env)
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=choose_backend(backend, dev),
+        init_method=f"tcp://{addr}:{env.master_port}",
+        rank=env.rank, world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=dev if dev.type == "cuda" else None,
+    )
+    return env, dev
