@@ -260,6 +260,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             _fail(key, value, "must be an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, "must be a number")
         return float(value)

@@ -18,7 +18,7 @@ from moe_train.moe.layer import MoELayer
 from moe_train.parallel.groups import build_groups
 from moe_train.parallel.topology import Topology
 
-D_MODEL, TOKENS_PER_RANK = 8, 12
+D_MODEL, TOKENS_PER_RANK, NUM_EXPERTS = 8, 12, 8  # ep = 4 still has 2 local experts
 CASES = [  # (top_k, capacity_factor, drop_policy, activation)
     (1, 1.0, "position", "gelu"),
     (2, 1.25, "probs", "swiglu"),
@@ -26,7 +26,7 @@ CASES = [  # (top_k, capacity_factor, drop_policy, activation)
 ]
 
 
-def make_cfg(top_k, cf, policy, activation, num_experts=4):
+def make_cfg(top_k, cf, policy, activation, num_experts=NUM_EXPERTS):
     return MoEConfig(num_experts=num_experts, top_k=top_k, d_ff=16, capacity_factor=cf,
                      drop_policy=policy, activation=activation, min_capacity=0, seed=11)
 
@@ -52,7 +52,7 @@ def run_layer(layer, x, g):
 
 
 def ep_worker(rank, world_size, ep_size, empty_rank=None, force_expert=None):
-    groups = build_groups(Topology(world_size, ep_size, 4), rank)
+    groups = build_groups(Topology(world_size, ep_size, NUM_EXPERTS), rank)
     results = []
     for i, case in enumerate(CASES):
         torch.manual_seed(0)  # same router init on every rank
@@ -91,7 +91,7 @@ def single_process_reference(world_size, empty_rank=None, force_expert=None):
 
 
 def check_parity(world_size, ep_size, ranks, reference):
-    topo = Topology(world_size, ep_size, 4)
+    topo = Topology(world_size, ep_size, NUM_EXPERTS)
     for case_index, (per_rank, router_sum, expert_sum) in enumerate(reference):
         ctx = f"case {CASES[case_index]}"
         for r in range(world_size):
@@ -117,11 +117,11 @@ def test_expert_parallel_equals_single_process(world_size, ep_size):
 
 def test_empty_rank_and_unused_experts_do_not_hang():
     # Rank 1 routes zero tokens; first choices all go to expert 0 and second choices to
-    # expert 1, so rank 1 (experts 2..3) receives nothing and experts 2..3 get no token.
+    # expert 1, so rank 1 (experts 4..7) receives nothing and experts 2..7 get no token.
     ranks = run_ranks(ep_worker, 2, ep_size=2, empty_rank=1, force_expert=0)
-    assert ranks[0][0]["routed"].tolist() == [TOKENS_PER_RANK, 0, 0, 0]  # top-1 case
+    assert ranks[0][0]["routed"].tolist() == [TOKENS_PER_RANK] + [0] * (NUM_EXPERTS - 1)  # top-1
     for case_index in range(len(CASES)):
         assert ranks[1][case_index]["y"].shape == (0, D_MODEL)
-        assert ranks[0][case_index]["routed"].tolist()[2:] == [0, 0]
+        assert ranks[0][case_index]["routed"].tolist()[2:] == [0] * (NUM_EXPERTS - 2)
         assert all((g == 0).all() for g in ranks[1][case_index]["expert_grads"].values())
     check_parity(2, 2, ranks, single_process_reference(2, empty_rank=1, force_expert=0))

@@ -1,9 +1,14 @@
 """Gradient reduction and clipping that know which parameters are experts.
 
-  dense parameters:  gradients averaged over the data-parallel group (all ranks);
-  expert parameters: gradients averaged over the expert-data-parallel group only (the
+  dense parameters:  gradients averaged over the data-parallel group (all W ranks);
+  expert parameters: gradients reduced over the expert-data-parallel group only (the
                      ranks holding the same experts); other ranks' experts are different
-                     parameters, never mixed in.
+                     parameters, never mixed in. The sum is divided by W, not by the EDP
+                     size: through the all-to-all backward an expert already received the
+                     gradient of every token its EP group sent it, so summing over EDP
+                     covers all W ranks' losses once, and dividing by W gives the mean
+                     loss's gradient whatever ep is (DeepSpeed's _reduce_expert_gradients
+                     and Megatron's expert_gradient_scaling_factor do the same).
   global norm:       sqrt(||g_dense||^2 + sum over EP ranks of ||g_local_experts||^2),
                      dense counted once (averaging norms across ranks that own different
                      experts is the DeepSpeed #8475 / Megatron #5916 bug).
@@ -35,12 +40,13 @@ def split_params(params: Iterable[nn.Parameter]) -> tuple[list, list]:
     return dense, expert
 
 
-def _mean_over(params: list, group, size: int) -> None:
-    if group is None or size == 1 or not params:
+def _sum_then_divide(params: list, group, divisor: int) -> None:
+    if not params or (group is None and divisor == 1):
         return
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=group)
-    flat /= size
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
     offset = 0
     for p in params:
         n = p.grad.numel()
@@ -49,12 +55,12 @@ def _mean_over(params: list, group, size: int) -> None:
 
 
 def allreduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
-    """Averages dense gradients over all ranks and expert gradients over the EDP group
-    (one flat all-reduce each)."""
+    """Averages dense gradients over all ranks; sums expert gradients over the EDP group
+    and divides by the world size (see the module docstring). One flat all-reduce each."""
     dense, expert = split_params(model.parameters())
-    topo = groups.topology
-    _mean_over(dense, groups.dp, topo.world_size)
-    _mean_over(expert, groups.edp, topo.edp_size)
+    world = groups.topology.world_size
+    _sum_then_divide(dense, groups.dp, world)
+    _sum_then_divide(expert, groups.edp if groups.topology.edp_size > 1 else None, world)
 
 
 def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:

@@ -81,5 +81,5 @@ class Topology:
             experts = self.local_experts(rank)
             lines.append(f"rank {rank}: experts {experts.start}..{experts.stop - 1}, "
                          f"all-to-all with {self.ep_group_of(rank)}, "
-                         f"expert grads averaged over {self.edp_group_of(rank)}")
+                         f"expert grads reduced over {self.edp_group_of(rank)}")
         return lines

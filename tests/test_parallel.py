@@ -1,0 +1,104 @@
+"""Rank arithmetic, launcher environments, and EP-aware gradient reduction/clipping."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_ranks
+from moe_train.config import MoEConfig
+from moe_train.moe.layer import MoELayer
+from moe_train.parallel.grads import allreduce_gradients, clip_grad_norm_, global_grad_norm
+from moe_train.parallel.groups import build_groups
+from moe_train.parallel.init import choose_backend, discover
+from moe_train.parallel.topology import Topology
+
+
+def test_topology_matches_deepspeed_layout():
+    from deepspeed.utils.groups import _get_expert_parallel_ranks
+
+    for world, ep in [(8, 4), (8, 2), (4, 4), (6, 3), (1, 1)]:
+        topo = Topology(world, ep, 12)
+        ep_ranks, edp_ranks = _get_expert_parallel_ranks(world, 1, ep)
+        assert topo.ep_groups() == ep_ranks
+        assert sorted(topo.edp_groups()) == sorted(edp_ranks)
+
+
+def test_topology_owns_every_expert_once_per_ep_group():
+    topo = Topology(8, 4, 16)
+    for group in topo.ep_groups():
+        owned = [e for r in group for e in topo.local_experts(r)]
+        assert owned == list(range(16))
+    assert topo.edp_group_of(5) == [1, 5] and topo.local_experts(5) == range(4, 8)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1"}, (3, 4, 1, "n1", "torchrun")),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node7"},
+     (5, 8, 1, "node7", "slurm")),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     (1, 2, 1, "127.0.0.1", "mpi")),
+    ({}, (0, 1, 0, "127.0.0.1", "single")),
+])
+def test_discover_reads_each_launcher(environ, expected):
+    env = discover(environ)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == expected
+
+
+def test_discover_rejects_inconsistent_environments():
+    with pytest.raises(ValueError, match="MASTER_ADDR is not set under Slurm"):
+        discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
+        discover({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="RANK='x' is not an integer"):
+        discover({"RANK": "x", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="nccl"):
+        choose_backend("nccl", torch.device("cpu"))
+    assert choose_backend("auto", torch.device("cpu")) == "gloo"
+
+
+def _layer_grads(layer, x, g):
+    out = layer(x)
+    ((out.y * g).sum() + out.aux_loss).backward()
+
+
+def grad_worker(rank, world_size, ep_size):
+    """Each rank trains on its own chunk; after reduction the global norm must equal the
+    single-process norm of the mean gradient."""
+    groups = build_groups(Topology(world_size, ep_size, 4), rank)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, d_ff=8, capacity_factor=None, seed=3), 6,
+                     ep_group=groups.ep)
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(10, 6, generator=gen) for _ in range(world_size)]
+    gs = [torch.randn(10, 6, generator=gen) for _ in range(world_size)]
+    _layer_grads(layer, xs[rank], gs[rank])
+    allreduce_gradients(layer, groups)
+    router_grad = layer.router.w_DE.grad.clone()
+    expert_grads = {n: p.grad.clone() for n, p in layer.experts.named_parameters()}
+    norm = global_grad_norm(layer, groups)
+    clipped = clip_grad_norm_(layer, 0.5 * float(norm), groups)
+    after = global_grad_norm(layer, groups)
+    dist.barrier()
+    return {"norm": norm, "clipped_from": clipped, "after": after,
+            "router": router_grad, "experts": expert_grads, "local": list(groups.topology.local_experts(rank))}
+
+
+def test_reduced_gradients_and_global_norm_match_single_process():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, d_ff=8, capacity_factor=None, seed=3), 6)
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(10, 6, generator=gen) for _ in range(4)]
+    gs = [torch.randn(10, 6, generator=gen) for _ in range(4)]
+    for x, g in zip(xs, gs):
+        _layer_grads(layer, x, g)
+    for p in layer.parameters():  # the DP mean of 4 ranks' gradients
+        p.grad /= 4
+    want = torch.sqrt(sum(p.grad.pow(2).sum() for p in layer.parameters()))
+    ranks = run_ranks(grad_worker, 4, ep_size=2)
+    for r in ranks:
+        torch.testing.assert_close(r["norm"], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["router"], layer.router.w_DE.grad, rtol=1e-5, atol=1e-6)
+        for name, grad in r["experts"].items():  # ep-independent expert gradients
+            full = dict(layer.experts.named_parameters())[name].grad
+            torch.testing.assert_close(grad, full[r["local"][0]:r["local"][-1] + 1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["after"], 0.5 * want, rtol=1e-4, atol=1e-6)
