@@ -102,3 +102,34 @@ def test_reduced_gradients_and_global_norm_match_single_process():
             full = dict(layer.experts.named_parameters())[name].grad
             torch.testing.assert_close(grad, full[r["local"][0]:r["local"][-1] + 1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["after"], 0.5 * want, rtol=1e-4, atol=1e-6)
+
+
+def global_balance_worker(rank, world_size):
+    groups = build_groups(Topology(world_size, 1, 4), rank)
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=8, balance_scope="global", seed=3)
+    layer = MoELayer(cfg, 6, balance_group=groups.dp)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(10, 6, generator=gen) for _ in range(world_size)]
+    out = layer(xs[rank])
+    out.aux_loss.backward()
+    return {"aux": out.aux_loss.detach(), "router": layer.router.w_DE.grad.clone()}
+
+
+def test_global_balance_scope_averages_f_and_p_over_data_parallel_ranks():
+    ranks = run_ranks(global_balance_worker, 2)
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=8, seed=3)
+    layer = MoELayer(cfg, 6)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(10, 6, generator=gen) for _ in range(2)])  # equal chunks
+    probs = torch.softmax(x @ layer.router.w_DE, dim=-1)
+    top2 = probs.topk(2, dim=-1).indices.flatten()
+    f = torch.bincount(top2, minlength=4).float() / top2.numel()
+    want = 4 * (f * probs.mean(dim=0)).sum()
+    (2 * want).backward()  # every rank's loss is the same global aux loss
+    for r in ranks:
+        torch.testing.assert_close(r["aux"], want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["router"] + ranks[1]["router"], layer.router.w_DE.grad,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ranks[0]["router"], ranks[1]["router"])  # inputs differ per rank
