@@ -19,8 +19,9 @@ setup(
     install_requires=[
         "torch>=2.13.0",
         "deepspeed>=0.19.8",
-        "sentencepiece>=0.2.0",
+        "sentencepiece>=0.2.3",
         "webdataset>=1.0.2",
+        "braceexpand>=0.1.7",
         "tensorboard>=2.21.0",
         "mpi4py>=4.1.0",
         "numpy>=2.0",

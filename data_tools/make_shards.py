@@ -1,0 +1,58 @@
+"""Tokenize text/JSONL into webdataset tar shards of packed [seq_len + 1] samples.
+
+Example:
+    python data_tools/make_shards.py --input 'corpus/*.jsonl' --tokenizer tok/sp.model \
+        --output data/corpus --seq-len 2048 --val-fraction 0.005 --procs 8
+writes data/corpus/{train,validation}/shard-NNNNNN.tar and data/corpus/manifest.json.
+Output is identical for the same input, whatever --procs is.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import command_line, fail  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from moe_train.data.build import make_shards  # noqa: E402
+from moe_train.data.errors import TextError  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text files (one document per line), .jsonl files, globs or dirs")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="fraction of documents (chosen by content hash) for validation")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB")
+    p.add_argument("--samples-per-shard", type=int, default=0,
+                   help="exact samples per shard (overrides --shard-mb)")
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer processes")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--add-bos", action="store_true", help="put BOS before every document")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="non-UTF-8 or bad JSON lines: stop (default) or skip and count")
+    args = p.parse_args(argv)
+    try:
+        with tqdm(desc="tokenize", unit="doc") as bar:
+            manifest = make_shards(args.input, args.tokenizer, args.output, args.seq_len,
+                                   args.val_fraction, int(args.shard_mb * (1 << 20)),
+                                   args.samples_per_shard, args.procs, args.text_field,
+                                   args.add_bos, args.on_error, command_line(), bar)
+    except (TextError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {len(split['shards'])} shards, {split['samples']} samples, "
+              f"{split['tokens']} tokens, {split['documents']} documents")
+    if manifest["skipped_input_lines"]:
+        print(f"skipped {manifest['skipped_input_lines']} bad input lines")
+    print(f"wrote {os.path.join(args.output, 'manifest.json')} (dtype {manifest['dtype']})")
+
+
+if __name__ == "__main__":
+    main()
