@@ -88,6 +88,9 @@ def train(cfg: Config, max_steps: int | None = None) -> list[float]:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     loader = build_train_loader(cfg.data, env.rank, env.world_size)
+    if loader.manifest["vocab_size"] > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer of "
+                         f"{cfg.data.manifest} has {loader.manifest['vocab_size']} tokens; raise it")
     batches = _batches(loader)
     steps = max_steps or cfg.train.max_steps
     losses: list[torch.Tensor] = []  # read on log steps only: no per-step host sync

@@ -101,7 +101,8 @@ def test_router_computes_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = router.logits(x.bfloat16())
         routing = router(x.bfloat16())
-    assert logits.dtype == torch.float32 and routing.probs_TE.dtype == torch.float32
+    assert logits.dtype == torch.float32 and routing.gates_A.dtype == torch.float32
+    assert routing.aux_loss.dtype == torch.float32 and routing.z_loss.dtype == torch.float32
     assert torch.equal(logits, x.bfloat16().float() @ router.w_DE.detach())
 
 
@@ -154,3 +155,13 @@ def test_bad_arguments_raise_value_error_naming_value(overrides, needle):
 def test_experts_not_divisible_by_ep_raises():
     with pytest.raises(ValueError, match=r"moe\.num_experts = 6"):
         Topology(world_size=4, ep_size=4, num_experts=6)
+
+
+def test_router_entropy_equals_formula():
+    router = make_router(d_model=6, num_experts=5)
+    x = torch.randn(9, 6)
+    probs = torch.softmax(x @ router.w_DE.detach(), dim=-1)
+    expected = -(probs * probs.log()).sum(dim=-1).mean()
+    assert router(x).entropy.item() == pytest.approx(expected.item(), rel=1e-5)
+    uniform = make_router(d_model=6, w_DE=torch.zeros(6, 5), num_experts=5)
+    assert uniform(x).entropy.item() == pytest.approx(math.log(5), rel=1e-6)

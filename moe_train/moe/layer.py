@@ -20,7 +20,7 @@ from moe_train.config import MoEConfig
 from moe_train.moe.dispatcher import Dispatcher
 from moe_train.moe.experts import GroupedExperts
 from moe_train.moe.router import Router
-from moe_train.moe.stats import MoEStats, router_entropy
+from moe_train.moe.stats import MoEStats
 
 
 @dataclass
@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
             routed_per_expert_E=routing.routed_per_expert_E,
             kept_per_expert_E=routing.kept_per_expert_E,
             num_assignments=routing.expert_ids_A.numel(),
-            router_entropy=router_entropy(routing.probs_TE),
+            router_entropy=routing.entropy,
             aux_loss=routing.aux_loss.detach(),
             z_loss=routing.z_loss.detach(),
         )

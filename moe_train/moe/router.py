@@ -41,9 +41,10 @@ class Routing:
             sorted by expert (stable, so priority order within an expert).
         kept_per_expert_E: int64 [E], kept assignments per expert (sums to N).
         routed_per_expert_E: int64 [E], assignments per expert before dropping.
-        probs_TE: fp32 [T, E] router probabilities.
         capacity: slots per expert, or None when dropless.
         aux_loss, z_loss: fp32 scalars, coefficients NOT applied.
+        entropy: fp32 scalar, detached: mean over tokens of the routing distribution's
+            entropy in nats (log E: uniform router; 0: collapsed).
     """
 
     expert_ids_A: Tensor
@@ -52,10 +53,10 @@ class Routing:
     kept_order_N: Tensor
     kept_per_expert_E: Tensor
     routed_per_expert_E: Tensor
-    probs_TE: Tensor
     capacity: Optional[int]
     aux_loss: Tensor
     z_loss: Tensor
+    entropy: Tensor
 
     @property
     def num_dropped(self) -> int:
@@ -159,6 +160,9 @@ class Router(nn.Module):
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top_probs_TK, expert_ids_TK = topk_ties_low(probs_TE, k)
+        # logsumexp from the top-1 column: lse = l_e - log p_e for any e, and p_top >= 1/E
+        # keeps the log well conditioned. Saves a separate (unfused, slow on CPU) pass.
+        lse_T = logits_TE.gather(1, expert_ids_TK[:, :1]).squeeze(1) - top_probs_TK[:, 0].log()
         gates_TK = top_probs_TK
         if cfg.renormalize:
             gates_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -179,11 +183,13 @@ class Router(nn.Module):
             kept_order_N = order_A[slot_A[order_A] < capacity]
             kept_E = routed_E.clamp(max=capacity)
 
-        aux_loss, z_loss = self.losses(logits_TE, probs_TE, routed_E, num_tokens * k)
+        aux_loss, z_loss = self.losses(lse_T, probs_TE, routed_E, num_tokens * k)
+        with torch.no_grad():  # entropy_t = lse_t - sum_e p_te * l_te, no T x E log needed
+            entropy = (lse_T.sum() - torch.linalg.vecdot(probs_TE, logits_TE).sum()) / max(num_tokens, 1)
         return Routing(expert_ids_A, token_ids_A, gates_A, kept_order_N, kept_E, routed_E,
-                       probs_TE, capacity, aux_loss, z_loss)
+                       capacity, aux_loss, z_loss, entropy)
 
-    def losses(self, logits_TE: Tensor, probs_TE: Tensor, routed_E: Tensor,
+    def losses(self, lse_T: Tensor, probs_TE: Tensor, routed_E: Tensor,
                num_assignments: int) -> tuple[Tensor, Tensor]:
         """Switch load-balancing loss and ST-MoE z-loss, coefficients not applied.
 
@@ -200,5 +206,5 @@ class Router(nn.Module):
             f_E = all_reduce_mean(f_E.detach(), self.balance_group)
             P_E = all_reduce_mean(P_E, self.balance_group)
         aux_loss = self.cfg.num_experts * torch.sum(f_E * P_E)
-        z_loss = torch.logsumexp(logits_TE, dim=-1).square().sum() / num_tokens
+        z_loss = lse_T.square().sum() / num_tokens  # lse_T: logsumexp_j logits_tj
         return aux_loss, z_loss

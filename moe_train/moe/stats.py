@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -55,11 +54,3 @@ class MoEStats:
             "aux_loss": self.aux_loss,
             "z_loss": self.z_loss,
         }
-
-
-def router_entropy(probs_TE: Tensor) -> Tensor:
-    """Mean over tokens of the routing distribution's entropy, in nats; log(E) is a
-    uniform router, 0 a collapsed one."""
-    with torch.no_grad():
-        ent_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(dim=-1)
-        return ent_T.sum() / max(probs_TE.shape[0], 1)
