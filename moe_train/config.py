@@ -29,6 +29,7 @@ ACTIVATIONS = ("gelu", "relu", "swiglu")
 DROP_POLICIES = ("position", "probs")
 BALANCE_SCOPES = ("local", "global")
 DTYPES = ("fp32", "bf16", "fp16")
+EXPERT_IMPLS = ("auto", "grouped_mm", "bmm")  # moe_train.moe.experts.IMPLS
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -94,6 +95,7 @@ class MoEConfig:
         _choice("moe.activation", self.activation, ACTIVATIONS)
         _choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         _choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        _choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):

@@ -1,0 +1,228 @@
+"""Forward + backward of one MoE layer on CPU, side by side with DeepSpeed and a dense FFN.
+
+Shape legend:
+  T  tokens    D  model width    F  expert hidden width    E  experts
+
+Contenders, on the same x_TD (requires_grad, so backward includes dX), k = 1, cf = 1.25:
+  ours          moe_train.moe.layer.MoELayer (router + permute + experts + combine)
+  deepspeed     deepspeed.moe.layer.MoE, GELU experts Linear(D,F) GELU Linear(F,D) without
+                bias, drop_tokens=True, use_rts=False, ep_size=1, 1-process gloo group
+  dense         Linear(D,F) GELU Linear(F,D) on all T tokens: the same per-token FLOPs in one
+                large GEMM each, the roof
+  experts_only  GroupedExperts.forward on T rows already grouped in equal shares: no
+                routing, permutation or combine
+Each timing is the minimum over --reps repetitions after a warm-up; the contenders are
+interleaved within each repetition so a noisy neighbour hurts them alike.
+
+  PYTHONPATH=. python -m benchmarks.moe_layer [--reps 5] [--cases 0,1,2] [--threads N]
+      [--json out.json] [--malloc default|keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from moe_train.moe.experts import GroupedExperts
+from moe_train.parallel.init import keep_freed_memory
+
+CASES = [  # (T, D, F, E)
+    (8192, 512, 2048, 8),
+    (8192, 512, 512, 64),
+    (16384, 512, 256, 128),
+]
+# Targets from the issue, per E: min DeepSpeed/ours speedup, max ours/dense.
+SPEEDUP_TARGET = {8: 1.1, 64: 1.2, 128: 1.5}
+DENSE_TARGET = {8: 1.2, 64: 1.6, 128: 1.8}
+EXPERTS_TARGET = 1.25  # ours / experts_only, every E
+CAPACITY_FACTOR = 1.25
+
+
+def time_min_ms(steps: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Minimum wall time in ms of each step, after one warm-up call each; interleaved."""
+    for step in steps.values():
+        step()
+    times = {name: math.inf for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name] = min(times[name], (time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _fwd_bwd(module: nn.Module, x_TD: Tensor, run: Callable[[Tensor], Tensor]) -> Callable[[], None]:
+    """A step: zero grads, loss = run(x) (a scalar), backward."""
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        run(x_TD).backward()
+    return step
+
+
+def ours_step(tokens: int, d_model: int, d_ff: int, num_experts: int,
+              x_TD: Optional[Tensor] = None) -> Optional[Callable[[], None]]:
+    """fwd + bwd of our MoELayer (k = 1, cf = 1.25, GELU); None if the layer is missing."""
+    try:
+        from moe_train.config import MoEConfig
+        from moe_train.moe.layer import MoELayer
+    except ImportError as err:
+        print(f"ours: layer not available ({err})")
+        return None
+    cfg = MoEConfig(num_experts=num_experts, top_k=1, d_ff=d_ff, activation="gelu",
+                    capacity_factor=CAPACITY_FACTOR, drop_policy="position")
+    layer = MoELayer(cfg, d_model=d_model)
+    if x_TD is None:
+        x_TD = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(0),
+                           requires_grad=True)
+
+    def run(x: Tensor) -> Tensor:
+        out = layer(x)
+        return out.y.float().pow(2).mean() + out.aux_loss
+    return _fwd_bwd(layer, x_TD, run)
+
+
+def time_ours_ms(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: int = 5) -> float:
+    """Minimum fwd + bwd time in ms of our MoE layer (k = 1, cf = 1.25, GELU)."""
+    step = ours_step(tokens, d_model, d_ff, num_experts)
+    if step is None:
+        raise RuntimeError("moe_train.moe.layer.MoELayer is not available")
+    return time_min_ms({"ours": step}, reps)["ours"]
+
+
+def experts_only_step(x_TD: Tensor, d_ff: int, num_experts: int, impl: str = "auto") -> Callable[[], None]:
+    tokens, d_model = x_TD.shape
+    experts = GroupedExperts(num_experts, d_model, d_ff, "gelu", impl=impl)
+    counts_E = torch.full((num_experts,), tokens // num_experts, dtype=torch.int64)
+    counts_E[: tokens % num_experts] += 1
+    return _fwd_bwd(experts, x_TD, lambda x: experts(x, counts_E).pow(2).mean())
+
+
+def dense_step(x_TD: Tensor, d_ff: int) -> Callable[[], None]:
+    d_model = x_TD.shape[1]
+    ffn = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(),
+                        nn.Linear(d_ff, d_model, bias=False))
+    return _fwd_bwd(ffn, x_TD, lambda x: ffn(x).pow(2).mean())
+
+
+def init_single_process_gloo() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def deepspeed_step(x_TD: Tensor, d_ff: int, num_experts: int) -> Optional[Callable[[], None]]:
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.moe.layer import MoE
+    except ImportError as err:
+        print(f"deepspeed: not available ({err})")
+        return None
+    if get_accelerator().device_name() != "cpu":
+        raise RuntimeError(f"DeepSpeed accelerator is {get_accelerator().device_name()!r}, not cpu")
+    init_single_process_gloo()
+    d_model = x_TD.shape[1]
+    expert = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(),
+                           nn.Linear(d_ff, d_model, bias=False))
+    moe = MoE(hidden_size=d_model, expert=expert, num_experts=num_experts, ep_size=1, k=1,
+              capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
+              drop_tokens=True, use_rts=False)
+
+    def run(x: Tensor) -> Tensor:
+        y, aux_loss, _ = moe(x)
+        return y.float().pow(2).mean() + aux_loss
+    return _fwd_bwd(moe, x_TD, run)
+
+
+def _deepspeed_version() -> str:
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return "deepspeed not installed"
+    return f"deepspeed {deepspeed.__version__} on accelerator {get_accelerator().device_name()!r}"
+
+
+def run_case(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: int) -> dict:
+    x_TD = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(0),
+                       requires_grad=True)
+    steps = {"ours": ours_step(tokens, d_model, d_ff, num_experts, x_TD),
+             "deepspeed": deepspeed_step(x_TD, d_ff, num_experts),
+             "dense": dense_step(x_TD, d_ff),
+             "experts_only": experts_only_step(x_TD, d_ff, num_experts)}
+    times = time_min_ms({k: v for k, v in steps.items() if v is not None}, reps)
+    row = {"num_experts": num_experts, "tokens": tokens, "d_model": d_model, "d_ff": d_ff}
+    row.update({f"{name}_ms": times.get(name) for name in steps})
+    return row
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:6.2f}" if a and b else "     -"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'E':>4} {'T':>6} {'F':>5} | {'ours':>7} {'dspeed':>7} {'dense':>7} {'exp.only':>8} | "
+          f"{'DS/ours':>7} {'(>=)':>5} | {'ours/exp':>8} {'(<=)':>5} | {'ours/dense':>10} {'(<=)':>5}")
+    for r in rows:
+        E = r["num_experts"]
+        ms = [r.get(k) for k in ("ours_ms", "deepspeed_ms", "dense_ms", "experts_only_ms")]
+        cells = " ".join(f"{m:7.1f}" if m else "      -" for m in ms[:3]) + f" {ms[3]:8.1f}"
+        print(f"{E:>4} {r['tokens']:>6} {r['d_ff']:>5} | {cells} | "
+              f"{_ratio(ms[1], ms[0]):>7} {SPEEDUP_TARGET.get(E, math.nan):5.2f} | "
+              f"{_ratio(ms[0], ms[3]):>8} {EXPERTS_TARGET:5.2f} | "
+              f"{_ratio(ms[0], ms[2]):>10} {DENSE_TARGET.get(E, math.nan):5.2f}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (minimum reported)")
+    parser.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))),
+                        help="comma-separated indices into " + str(CASES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the results to this path")
+    parser.add_argument("--malloc", choices=("default", "keep"), default="keep",
+                        help="'keep' (default, what moe_train's CPU training does): keep freed "
+                             "memory in glibc's heap (moe_train.parallel.init.keep_freed_memory); "
+                             "applies to every contender alike, they share the process")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
+    indices = [int(i) for i in args.cases.split(",") if i.strip()]
+    bad = [i for i in indices if not 0 <= i < len(CASES)]
+    if bad:
+        parser.error(f"--cases {args.cases}: indices must be in 0..{len(CASES) - 1}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, "
+          f"malloc {args.malloc}, {_deepspeed_version()}")
+    rows = []
+    for i in indices:
+        rows.append(run_case(*CASES[i], reps=args.reps))
+        print_table(rows[-1:])
+    print("\nall cases (ms; ratios with targets in parentheses):")
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cases": rows, "threads": torch.get_num_threads(), "reps": args.reps,
+                       "malloc": args.malloc}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
