@@ -51,19 +51,25 @@ def run_layer(layer, x, g):
             "routed": out.stats.routed_per_expert_E}
 
 
-def ep_worker(rank, world_size, ep_size, empty_rank=None, force_expert=None):
+def build_case(case_index, world_size, ep_group=None, empty_rank=None, force_expert=None):
+    """The layer (same init on every rank and in the single process) and the global batch.
+    ``force_expert``: every token's first choice goes to that expert (x >= 0)."""
+    torch.manual_seed(0)
+    layer = MoELayer(make_cfg(*CASES[case_index]), D_MODEL, ep_group=ep_group)
+    chunks, grads = global_batch(world_size, case_index, empty_rank)
+    if force_expert is not None:
+        with torch.no_grad():
+            layer.router.w_DE.zero_()
+            layer.router.w_DE[:, force_expert] = 5.0
+        chunks = [c.abs() for c in chunks]
+    return layer, chunks, grads
+
+
+def ep_worker(rank, world_size, ep_size, **case_kwargs):
     groups = build_groups(Topology(world_size, ep_size, NUM_EXPERTS), rank)
     results = []
-    for i, case in enumerate(CASES):
-        torch.manual_seed(0)  # same router init on every rank
-        layer = MoELayer(make_cfg(*case), D_MODEL, ep_group=groups.ep)
-        if force_expert is not None:
-            with torch.no_grad():
-                layer.router.w_DE.zero_()
-                layer.router.w_DE[:, force_expert] = 5.0
-        chunks, grads = global_batch(world_size, i, empty_rank)
-        if force_expert is not None:
-            chunks = [c.abs() for c in chunks]
+    for i in range(len(CASES)):
+        layer, chunks, grads = build_case(i, world_size, groups.ep, **case_kwargs)
         results.append(run_layer(layer, chunks[rank], grads[rank]))
     if ep_size > 1:
         with pytest.raises(ValueError, match=r"moe\.num_experts = 3"):
@@ -72,18 +78,10 @@ def ep_worker(rank, world_size, ep_size, empty_rank=None, force_expert=None):
     return results
 
 
-def single_process_reference(world_size, empty_rank=None, force_expert=None):
+def single_process_reference(world_size, **case_kwargs):
     per_case = []
-    for i, case in enumerate(CASES):
-        torch.manual_seed(0)
-        layer = MoELayer(make_cfg(*case), D_MODEL)
-        if force_expert is not None:
-            with torch.no_grad():
-                layer.router.w_DE.zero_()
-                layer.router.w_DE[:, force_expert] = 5.0
-        chunks, grads = global_batch(world_size, i, empty_rank)
-        if force_expert is not None:
-            chunks = [c.abs() for c in chunks]
+    for i in range(len(CASES)):
+        layer, chunks, grads = build_case(i, world_size, **case_kwargs)
         per_rank = [run_layer(layer, x, g) for x, g in zip(chunks, grads)]
         # grads accumulate across the per-rank calls: the last call holds the sums
         per_case.append((per_rank, per_rank[-1]["router_grad"], per_rank[-1]["expert_grads"]))
