@@ -27,6 +27,10 @@ autograd.Function is needed. CPU _grouped_mm takes fp32 and bf16, int32 offs, ne
 out-of-range offs without a check, and rejects expanded (stride-0) gradients; hence
 _ContiguousGrad and the check that the counts sum to N.
 
+On CUDA, _grouped_mm has a fused fast path for bf16 on SM90 and newer; other dtypes and
+GPUs take PyTorch's per-group fallback (pytorch PRs 161407, 162059), the same loop as on
+CPU, so the same choice applies. No GPU was available to measure that here.
+
 Expert weights are drawn per GLOBAL expert id (``expert_seed``), so the model is the
 same whatever the expert-parallel split is.
 """
