@@ -124,6 +124,8 @@ def train(cfg: Config, max_steps: int | None = None) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_train.demo", description=__doc__.split("\n")[0])
+    # The deepspeed launcher passes --local_rank before the subcommand; LOCAL_RANK is read.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     corpus = sub.add_parser("corpus", help="write the synthetic JSONL corpus")
     corpus.add_argument("--out", required=True)
