@@ -194,3 +194,27 @@ def test_batch_format(synthetic):
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 16)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1].clamp(min=0)) or \
         torch.equal(batch["input_ids"][:, 2:], batch["labels"][:, 1:-1])
+
+
+def test_streams_http_urls_with_brace_patterns(synthetic):
+    """The same samples, in the same order, whether shards are local files or URLs of a
+    (loopback) HTTP server, with the manifest itself fetched over HTTP too."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=synthetic.out)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        names = [s["name"] for s in synthetic.manifest["splits"]["train"]["shards"]]
+        pattern = f"{base}/train/shard-{{000000..{len(names) - 1:06d}}}.tar"
+        remote = build_train_loader(synth_cfg(synthetic, manifest=f"{base}/manifest.json",
+                                              train_shards=pattern, num_workers=2), 0, 1)
+        local = build_train_loader(synth_cfg(synthetic, num_workers=2), 0, 1)
+        got, want = ids_of(remote), ids_of(local)
+        assert got == want and len(got) == remote.steps_per_epoch * 4
+    finally:
+        server.shutdown()
