@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from moe_train.data import DataConfig, build_train_loader  # noqa: E402
 from moe_train.data.synthetic import write_synthetic_dataset  # noqa: E402
+from moe_train.parallel.init import keep_freed_memory  # noqa: E402
 
 SEQ_LEN, BATCH = 2048, 8
 
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed epochs per contender (best kept)")
     p.add_argument("--json", default="", help="write results to this path")
     args = p.parse_args()
+    keep_freed_memory()  # as moe_train's CPU training does; both loaders and the layer share it
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory() as tmp:
         per_shard = args.samples // args.shards
