@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_train.config import DROP_POLICIES, MoEConfig
+from moe_train.config import MoEConfig
 
 
 @dataclass
@@ -131,17 +131,11 @@ class Router(nn.Module):
 
     def __init__(self, cfg: MoEConfig, d_model: int, balance_group=None):
         super().__init__()
-        if cfg.top_k > cfg.num_experts:
-            raise ValueError(f"moe.top_k = {cfg.top_k}: must be <= moe.num_experts ({cfg.num_experts})")
-        if cfg.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"moe.drop_policy = {cfg.drop_policy!r}: must be one of {DROP_POLICIES}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(cfg, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"moe.{name} = {value!r}: must be > 0, or null for dropless routing")
+        cfg.validate()  # a layer built without a config file still gets the same checks
         self.cfg = cfg
         self.balance_group = balance_group
-        # Router weights are dense parameters: replicated, averaged over all DP ranks.
+        # Dense parameter (replicated, averaged over all DP ranks). Init scaled down 10x, as
+        # Switch (section 2.4) recommends, so routing starts near uniform and stable.
         self.w_DE = nn.Parameter(torch.empty(d_model, cfg.num_experts))
         nn.init.normal_(self.w_DE, std=d_model ** -0.5 * 0.1)
 
