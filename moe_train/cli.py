@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_train.config import deepspeed_config, dump_config, load_config, validate
+from moe_train.config import check_vocab_fits, deepspeed_config, dump_config, load_config, validate
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,11 +20,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from moe_train.moe.router import expert_capacity
     from moe_train.parallel.topology import Topology
 
     cfg = load_config(args.config, args.overrides)
     plan = validate(cfg, args.world_size)
     topo = Topology(args.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
+    # Everything that can fail runs before anything is printed: one error line, no wall.
+    data_lines = _check_data(cfg, args.world_size, plan.tokens_per_step) if cfg.data.manifest else []
     print(f"# resolved config ({args.config})")
     print(dump_config(cfg).rstrip())
     print("\n# batch arithmetic")
@@ -33,16 +36,31 @@ def cmd_check(args: argparse.Namespace) -> int:
           f"= {plan.tokens_per_step} tokens per step (seq_len {plan.seq_len})")
     print(f"routing group: {plan.tokens_per_routing_group} tokens per rank per micro-step")
     for name, cf in (("train", cfg.moe.capacity_factor), ("eval", cfg.moe.eval_capacity_factor)):
-        from moe_train.moe.router import expert_capacity
-
         cap = expert_capacity(plan.tokens_per_routing_group, cfg.moe.num_experts, cfg.moe.top_k,
                               cf, cfg.moe.min_capacity)
         print(f"{name} capacity per expert per rank: " + ("dropless" if cap is None else str(cap)))
+    if data_lines:
+        print(f"\n# data ({cfg.data.manifest})")
+        print("\n".join(data_lines))
     print("\n# process groups")
     print("\n".join(topo.describe()))
     print("\n# deepspeed config (derived)")
     print(deepspeed_config(cfg, args.world_size))
     return 0
+
+
+def _check_data(cfg, world_size: int, tokens_per_step: int) -> list[str]:
+    """Opens the manifest (not the shards): split sizes, steps per epoch, vocabulary fit."""
+    from moe_train.data import build_train_loader
+
+    train = build_train_loader(cfg.data, 0, world_size)  # raises ValueError on a mismatch
+    vocab = train.manifest["vocab_size"]
+    check_vocab_fits(cfg, vocab)
+    epochs = cfg.train.max_steps * cfg.train.grad_accum_steps / max(train.steps_per_epoch, 1)
+    return [f"train split: {train.num_samples} samples of {cfg.data.seq_len} tokens, "
+            f"{train.steps_per_epoch} steps per epoch on every rank; tokenizer vocab {vocab}",
+            f"train.max_steps = {cfg.train.max_steps}: {cfg.train.max_steps * tokens_per_step:,} "
+            f"tokens, {epochs:.2f} epochs"]
 
 
 def main(argv: list[str] | None = None) -> int:

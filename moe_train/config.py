@@ -394,6 +394,13 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
                      cfg.data.seq_len)
 
 
+def check_vocab_fits(cfg: Config, tokenizer_vocab: int) -> None:
+    """The data's tokenizer must fit the model's embedding table."""
+    if tokenizer_vocab > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer of "
+                         f"{cfg.data.manifest} has {tokenizer_vocab} tokens; raise it")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config dict, derived from the typed config (never written by hand)."""
     plan = validate(cfg, world_size)

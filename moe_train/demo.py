@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.config import Config, load_config, validate
+from moe_train.config import Config, check_vocab_fits, load_config, validate
 from moe_train.moe.losses import total_loss
 from moe_train.parallel.grads import allreduce_gradients, clip_grad_norm_
 
@@ -88,9 +88,7 @@ def train(cfg: Config, max_steps: int | None = None) -> list[float]:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     loader = build_train_loader(cfg.data, env.rank, env.world_size)
-    if loader.manifest["vocab_size"] > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size = {cfg.model.vocab_size}: the tokenizer of "
-                         f"{cfg.data.manifest} has {loader.manifest['vocab_size']} tokens; raise it")
+    check_vocab_fits(cfg, loader.manifest["vocab_size"])
     batches = _batches(loader)
     steps = max_steps or cfg.train.max_steps
     losses: list[torch.Tensor] = []  # read on log steps only: no per-step host sync

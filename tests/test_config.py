@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from moe_train.config import deepspeed_config, load_config, validate
+from tests.data_fixtures import synthetic  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -79,3 +80,16 @@ def test_check_command_reports_bad_input_in_one_line():
     out = run_check("--config", "configs/tiny_moe.yaml", "--world-size", "3")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "must divide the world size (3)" in out.stderr
+
+
+def test_check_command_reads_the_data_manifest(synthetic):  # noqa: F811 (fixture)
+    common = ["--config", "configs/tiny_moe.yaml", "--world-size", "2",
+              "--set", f"data.manifest={synthetic.manifest_path}", "--set", "data.seq_len=16"]
+    out = run_check(*common)
+    assert out.returncode == 2 and "model.vocab_size = 512: the tokenizer" in out.stderr
+    out = run_check(*common, "--set", "model.vocab_size=1000")
+    assert out.returncode == 0, out.stderr
+    # 79 samples over 2 ranks x 4 per micro-batch: 9 steps per epoch on every rank
+    assert f"train split: {synthetic.num_train} samples of 16 tokens, 9 steps per epoch" in out.stdout
+    out = run_check(*common, "--set", "model.vocab_size=1000", "--set", "data.seq_len=32")
+    assert out.returncode == 2 and "hold seq_len=16" in out.stderr
