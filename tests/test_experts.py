@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from moe_train.moe.experts import ACTIVATIONS, IMPLS, GroupedExperts, expert_seed, sort_by_expert
+from moe_train.moe.experts import ACTIVATIONS, IMPLS, GroupedExperts, expert_seed
 
 D_MODEL, D_FF = 8, 16
 COUNTS = {
@@ -123,15 +123,6 @@ def test_bf16_input_with_fp32_weights():
     assert y_ND.dtype == torch.bfloat16
     torch.testing.assert_close(y_ND.float(), loop_reference(experts, x_ND, [2, 0, 3]),
                                rtol=5e-2, atol=5e-2)
-
-
-def test_sort_by_expert_is_stable_grouping():
-    expert_ids_N = torch.tensor([2, 0, 2, 1, 0, 2, 3, 0])
-    order_N, counts_E = sort_by_expert(expert_ids_N, num_experts=5)
-    assert order_N.tolist() == [1, 4, 7, 3, 0, 2, 5, 6]
-    assert counts_E.tolist() == [3, 1, 3, 1, 0]
-    empty_order, empty_counts = sort_by_expert(torch.zeros(0, dtype=torch.int64), 3)
-    assert empty_order.numel() == 0 and empty_counts.tolist() == [0, 0, 0]
 
 
 def test_counts_must_match_rows():

@@ -66,21 +66,6 @@ def expert_seed(base_seed: int, global_expert_id: int) -> int:
     return z ^ (z >> 29)
 
 
-def sort_by_expert(expert_ids_N: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Groups rows by expert, keeping the original order within each expert.
-
-    Args:
-        expert_ids_N: int64 [N] expert id of each row, in [0, num_experts).
-        num_experts: E.
-    Returns:
-        (order_N, counts_E): ``x_ND.index_select(0, order_N)`` is grouped by expert
-        (stable: earlier rows first within an expert); counts_E int64 [E].
-    """
-    counts_E = torch.bincount(expert_ids_N, minlength=num_experts)
-    order_N = torch.argsort(expert_ids_N, stable=True)
-    return order_N, counts_E
-
-
 class _RowsToPadded(torch.autograd.Function):
     """x_ND -> x_PD with P = E * M rows: row i goes to dest_N[i]; other rows are zero.
 
