@@ -38,17 +38,31 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ValueError(f"{key} = {value!r}: {why}")
 
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLP_ACTIVATIONS = ("gelu", "swiglu")
+
+
 @dataclass
 class ModelConfig:
-    """The transformer around the MoE layers."""
+    """The transformer around the MoE layers. The defaults are a GPT-2-like decoder
+    (LayerNorm, learned positions, GELU dense MLP, multi-head attention, no dropout)."""
 
     vocab_size: int = 32000
     d_model: int = 512
     num_layers: int = 4
     num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads (MHA)
     d_ff: int = 2048  # dense MLP hidden width (non-MoE blocks)
+    mlp_activation: str = "gelu"  # dense MLP: gelu, or swiglu = down(silu(gate(x)) * up(x))
+    norm: str = "layernorm"  # or rmsnorm
+    norm_eps: float = 1e-5
+    position: str = "learned"  # learned absolute embeddings, or rope (rotary, on q and k)
+    rope_theta: float = 10000.0
     max_seq_len: int = 1024
     moe_every: int = 2  # block i has an MoE MLP when (i + 1) % moe_every == 0; 0 = no MoE
+    first_dense_layers: int = 0  # the first n blocks are dense whatever moe_every says
+    dropout: float = 0.0  # embedding, attention-probability and residual-branch dropout
     tie_embeddings: bool = True
     init_std: float = 0.02
 
@@ -58,10 +72,45 @@ class ModelConfig:
                 _fail(f"model.{name}", getattr(self, name), "must be > 0")
         if self.d_model % self.num_heads:
             _fail("model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
+        if self.num_kv_heads is not None and not (
+                self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0):
+            _fail("model.num_kv_heads", self.num_kv_heads,
+                  f"must be >= 1 and divide model.num_heads ({self.num_heads}), or null")
+        _choice("model.mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _choice("model.norm", self.norm, NORMS)
+        _choice("model.position", self.position, POSITIONS)
+        if self.position == "rope" and self.head_dim % 2:
+            _fail("model.position", self.position,
+                  f"rope needs an even head dim, got d_model / num_heads = {self.head_dim}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                _fail(f"model.{name}", value, "must be > 0")
         if self.moe_every < 0:
             _fail("model.moe_every", self.moe_every, "must be >= 0 (0 disables MoE)")
-        if self.init_std <= 0:
-            _fail("model.init_std", self.init_std, "must be > 0")
+        if not 0 <= self.first_dense_layers <= self.num_layers:
+            _fail("model.first_dense_layers", self.first_dense_layers,
+                  f"must be in [0, model.num_layers = {self.num_layers}]")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model.dropout", self.dropout, "must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_kv_heads``, or ``num_heads`` when that is None."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def is_moe_block(self, i: int) -> bool:
+        """Block i (0-based) has an MoE MLP iff moe_every > 0, i >= first_dense_layers and
+        (i + 1) % moe_every == 0 (Switch: every other block; DeepSeek: dense first blocks)."""
+        return self.moe_every > 0 and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+
+    @property
+    def num_moe_blocks(self) -> int:
+        return sum(self.is_moe_block(i) for i in range(self.num_layers))
 
 
 @dataclass

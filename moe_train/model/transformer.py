@@ -2,9 +2,12 @@
 
 Shape legend: B batch, S sequence, D model width, V vocabulary, H heads.
 
-Block i uses an MoE MLP when ``model.moe_every > 0`` and ``(i + 1) % moe_every == 0``
-(Switch: every other block). The model knows no global process group: the expert-
-parallel group is passed in.
+Block i uses an MoE MLP when ``model.moe_every > 0``, ``i >= model.first_dense_layers``
+and ``(i + 1) % moe_every == 0`` (Switch: every other block; DeepSeek: the first blocks
+dense). Options (``ModelConfig``): LayerNorm or RMSNorm, learned or rotary positions,
+GELU or SwiGLU dense MLP, multi-head or grouped-query attention, dropout, tied or untied
+head; the defaults are the GPT-2-like model. The model knows no global process group:
+the expert-parallel group is passed in.
 """
 
 from __future__ import annotations
@@ -15,54 +18,41 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.utils.checkpoint import checkpoint
+
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.moe.layer import MoELayer
+from moe_train.model.layers import Attention, DenseMLP, make_norm, rope_cos_sin
+from moe_train.moe.layer import MoELayer, MoEOutput
 from moe_train.moe.stats import MoEStats
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(B, S, D))
-
-
-class DenseMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x_BSD)))
-
-
 class Block(nn.Module):
+    """Pre-norm block: x + drop(attn(norm1(x))), then x + drop(mlp(norm2(x))).
+
+    Pure: it returns its MoE output instead of recording it, so a recomputation under
+    activation checkpointing (which runs forward again during backward) adds nothing to
+    the model's list of MoE losses and statistics.
+    """
+
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig | None, ep_group=None, balance_group=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = make_norm(cfg)
         self.is_moe = moe_cfg is not None
         self.mlp = (MoELayer(moe_cfg, cfg.d_model, ep_group=ep_group, balance_group=balance_group)
-                    if self.is_moe else DenseMLP(cfg.d_model, cfg.d_ff))
+                    if self.is_moe else DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp_activation))
+        self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BSD: Tensor, moe_out: list) -> Tensor:
-        x_BSD = x_BSD + self.attn(self.norm1(x_BSD))
+    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, MoEOutput | None]:
+        x_BSD = x_BSD + self.drop(self.attn(self.norm1(x_BSD), rope))
         h_BSD = self.norm2(x_BSD)
         if self.is_moe:
             out = self.mlp(h_BSD)
-            moe_out.append(out)
-            return x_BSD + out.y  # dropped tokens: zero MoE output, the residual carries them
-        return x_BSD + self.mlp(h_BSD)
+            # Dropped tokens: zero MoE output, the residual carries them.
+            return x_BSD + self.drop(out.y), out
+        return x_BSD + self.drop(self.mlp(h_BSD)), None
 
 
 @dataclass
@@ -81,22 +71,35 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    """Args:
+    """Decoder-only transformer; block i's MLP is MoE iff ``cfg.is_moe_block(i)``.
+
+    Args:
         cfg: ``model`` section; moe_cfg: ``moe`` section.
         ep_group, balance_group: passed to every MoE layer (None: single process).
+        activation_checkpointing: recompute each block in backward
+            (``torch.utils.checkpoint``, non-reentrant) instead of keeping its
+            activations; only when gradients are enabled. The RNG state is restored for
+            the recomputation, so router jitter and dropout repeat exactly, and the MoE
+            losses and statistics are recorded once per layer (Megatron #1330). Under
+            expert parallelism the recomputation repeats the all-to-alls; every rank
+            recomputes the same blocks in the same order.
     """
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, ep_group=None, balance_group=None):
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, ep_group=None, balance_group=None,
+                 activation_checkpointing: bool = False):
         super().__init__()
+        cfg.validate()
         self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        is_moe = [cfg.moe_every > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
         # Dense weights are initialised from the global RNG, which the caller seeds the same
         # on every rank; expert weights are seeded by global expert id inside MoELayer.
-        self.blocks = nn.ModuleList(Block(cfg, moe_cfg if m else None, ep_group, balance_group)
-                                    for m in is_moe)
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, moe_cfg if cfg.is_moe_block(i) else None, ep_group, balance_group)
+            for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         for name, p in self.named_parameters():
             if p.dim() == 2 and ".experts." not in name and ".router." not in name:
@@ -108,11 +111,22 @@ class MoETransformer(nn.Module):
         S = input_ids_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        positions_S = torch.arange(S, device=input_ids_BS.device)
-        x_BSD = self.embed(input_ids_BS) + self.pos(positions_S)
-        moe_out: list = []
+        x_BSD = self.embed(input_ids_BS)
+        rope = None
+        if self.pos is not None:
+            x_BSD = x_BSD + self.pos(torch.arange(S, device=input_ids_BS.device))
+        else:
+            rope = rope_cos_sin(S, self.cfg.head_dim, self.cfg.rope_theta, input_ids_BS.device)
+        x_BSD = self.drop(x_BSD)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        moe_out: list[MoEOutput] = []
         for block in self.blocks:
-            x_BSD = block(x_BSD, moe_out)
+            if recompute:
+                x_BSD, out = checkpoint(block, x_BSD, rope, use_reentrant=False)
+            else:
+                x_BSD, out = block(x_BSD, rope)
+            if out is not None:  # appended here, once: never inside the recomputed function
+                moe_out.append(out)
         logits_BSV = self.head(self.norm(x_BSD))
         lm_loss = None
         if labels_BS is not None:
