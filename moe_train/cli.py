@@ -28,6 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     topo = Topology(args.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
     # Everything that can fail runs before anything is printed: one error line, no wall.
     data_lines = _check_data(cfg, args.world_size, plan.tokens_per_step) if cfg.data.manifest else []
+    size_lines, memory_lines = _model_size_lines(cfg), _memory_lines(cfg, args.world_size)
     print(f"# resolved config ({args.config})")
     print(dump_config(cfg).rstrip())
     print("\n# batch arithmetic")
@@ -39,14 +40,75 @@ def cmd_check(args: argparse.Namespace) -> int:
         cap = expert_capacity(plan.tokens_per_routing_group, cfg.moe.num_experts, cfg.moe.top_k,
                               cf, cfg.moe.min_capacity)
         print(f"{name} capacity per expert per rank: " + ("dropless" if cap is None else str(cap)))
+    print(_causality_line(cfg.moe))
     if data_lines:
         print(f"\n# data ({cfg.data.manifest})")
         print("\n".join(data_lines))
+    print("\n# model size")
+    print("\n".join(size_lines))
+    print(f"\n# memory per rank (estimate; world size {args.world_size})")
+    print("\n".join(memory_lines))
     print("\n# process groups")
     print("\n".join(topo.describe()))
     print("\n# deepspeed config (derived)")
     print(deepspeed_config(cfg, args.world_size))
     return 0
+
+
+def _causality_line(moe) -> str:
+    """MOE_REFERENCE.md, Causality: a decoder's routing must not let later tokens of a
+    sequence change earlier tokens' outputs."""
+    if moe.capacity_factor is None:
+        return "routing is causal (dropless)"
+    if moe.drop_policy == "probs":
+        return ("WARNING: routing is NOT causal: drop_policy 'probs' with a finite capacity lets "
+                "a later token with a higher router prob evict an earlier one")
+    if moe.top_k > 1:
+        return ("WARNING: routing is NOT causal: with top_k > 1 the position policy places every "
+                "first choice before any second choice, so a later token can evict an earlier "
+                "token's second choice")
+    return "routing is causal (position drop policy, top-1)"
+
+
+def _model_size_lines(cfg) -> list[str]:
+    from moe_train.model.sizing import flops_per_token, human_count, param_counts
+
+    n = param_counts(cfg.model, cfg.moe)
+    flops = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
+    moe_blocks = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
+    return [f"parameters: total {human_count(n.total)} ({n.total:,}), expert {human_count(n.expert)}, "
+            f"dense {human_count(n.dense)} (embeddings {human_count(n.embedding)}, "
+            f"routers {human_count(n.router)})",
+            f"active per token: {human_count(n.active_per_token)} ({n.active_per_token:,}; "
+            f"dense + top-{cfg.moe.top_k} experts per MoE block, embeddings included)",
+            f"MoE blocks: {len(moe_blocks)} of {cfg.model.num_layers} ({_index_list(moe_blocks)})",
+            f"training FLOPs per token: {flops:.4g} (3 x forward, seq_len {cfg.data.seq_len})"]
+
+
+def _index_list(ids: list[int]) -> str:
+    """[1, 3, 5, 7, 9] -> '1, 3, ..., 9' (an arithmetic run longer than 4); else all."""
+    steps = {b - a for a, b in zip(ids, ids[1:])}
+    if len(ids) > 4 and len(steps) == 1:
+        return f"{ids[0]}, {ids[1]}, ..., {ids[-1]}"
+    return ", ".join(map(str, ids)) or "none"
+
+
+def _memory_lines(cfg, world_size: int) -> list[str]:
+    from moe_train.model.sizing import gib, memory_estimate
+
+    ckpt = getattr(cfg.train, "activation_checkpointing", False)
+    mem = memory_estimate(cfg.model, cfg.moe, world_size=world_size,
+                          ep_size=cfg.parallel.expert_parallel_size, zero_stage=cfg.parallel.zero_stage,
+                          dtype=cfg.train.dtype, micro_batch_size=cfg.data.micro_batch_size,
+                          seq_len=cfg.data.seq_len, activation_checkpointing=ckpt)
+    return [f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}, Adam, activation checkpointing "
+            f"{'on' if ckpt else 'off'}",
+            f"parameters: {gib(mem.params)}",
+            f"gradients: {gib(mem.grads)}",
+            f"optimizer state: {gib(mem.optimizer)}",
+            f"activations per micro-batch ({cfg.data.micro_batch_size} x {cfg.data.seq_len} "
+            f"tokens): {gib(mem.activations)}",
+            f"total: {gib(mem.total)} (no allocator overhead, buffers or communication buffers)"]
 
 
 def _check_data(cfg, world_size: int, tokens_per_step: int) -> list[str]:
