@@ -1,4 +1,4 @@
-"""Command line: ``moe-train check`` and ``moe-train demo``.
+"""Command line: ``moe-train train``, ``moe-train check`` and ``moe-train ckpt``.
 
 ``check`` prints the resolved config, the batch arithmetic and the process-group layout
 for a world size without starting any process group, so a user can see what a launch
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moe_train.config import check_vocab_fits, deepspeed_config, dump_config, load_config, validate
 
@@ -125,9 +126,61 @@ def _check_data(cfg, world_size: int, tokens_per_step: int) -> list[str]:
             f"tokens, {epochs:.2f} epochs"]
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from moe_train.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result.stopped:
+        return 0
+    return 0
+
+
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    """Lists a run's checkpoints: step, tokens, topology, complete or not, size."""
+    from moe_train.checkpoint import LATEST, list_checkpoints
+
+    root = args.dir
+    if args.config:
+        root = load_config(args.config, args.overrides).checkpoint.dir
+    if not root:
+        raise ValueError("give a checkpoint directory (--dir) or --config")
+    entries = list_checkpoints(root)
+    if not entries:
+        print(f"no checkpoints under {root}")
+        return 0
+    pointer = Path(root) / LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    print(f"{'checkpoint':<24} {'step':>8} {'tokens':>14} {'world':>5} {'ep':>3} {'MiB':>8}  state")
+    for path, meta, complete in entries:
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2 ** 20
+        topo = (meta or {}).get("topology", {})
+        status = "complete" if complete else "INCOMPLETE (ignored by --resume auto)"
+        if path.name == latest:
+            status += ", latest"
+        print(f"{path.name:<24} {(meta or {}).get('step', '?'):>8} {(meta or {}).get('tokens_seen', '?'):>14,} "
+              f"{topo.get('world_size', '?'):>5} {topo.get('ep_size', '?'):>3} {size:>8.1f}  {status}"
+              if meta else f"{path.name:<24} {'?':>8} {'?':>14} {'?':>5} {'?':>3} {size:>8.1f}  {status}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-train", description=__doc__.split("\n")[0])
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK from the environment is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="pretrain (one process, or under torchrun / deepspeed / srun / mpirun)")
+    _add_config_args(train)
+    train.add_argument("--resume", default="auto", metavar="auto|PATH|none",
+                       help="auto (default): the newest complete checkpoint in checkpoint.dir, if any; "
+                            "PATH: that checkpoint; none: start fresh")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_train)
+    ck = sub.add_parser("ckpt", help="list a run's checkpoints (step, tokens, topology, complete)")
+    ck.add_argument("--dir", default=None, help="checkpoint directory (checkpoint.dir)")
+    ck.add_argument("--config", default=None, help="or: read checkpoint.dir from this config")
+    ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ck.set_defaults(func=cmd_ckpt)
     check = sub.add_parser("check", help="validate a config for a world size and print the layout")
     _add_config_args(check)
     check.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")

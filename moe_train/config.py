@@ -179,7 +179,10 @@ class ParallelConfig:
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         if self.zero_stage not in (0, 1, 2):
             _fail("parallel.zero_stage", self.zero_stage,
-                  "must be 0, 1 or 2 (ZeRO-3 does not support MoE expert groups here)")
+                  "must be 0, 1 or 2: ZeRO-3 would shard expert weights over all ranks, which "
+                  "DeepSpeed refuses for MoE layers (and would silently mix for ours); use "
+                  "zero_stage 2 with parallel.expert_parallel_size up to the world size to spread "
+                  "experts, gradients and optimizer state")
         _choice("parallel.backend", self.backend, BACKENDS)
         _choice("parallel.device", self.device, DEVICES)
         if self.timeout_s <= 0:
@@ -196,6 +199,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
     warmup_steps: int = 100
+    decay: str = "cosine"  # after warm-up, to min_lr at train.max_steps: cosine, linear, constant
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -210,6 +214,7 @@ class OptimConfig:
                 _fail(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not self.eps > 0:
             _fail("optim.eps", self.eps, "must be > 0")
+        _choice("optim.decay", self.decay, ("cosine", "linear", "constant"))  # schedule.SCHEDULES
 
 
 @dataclass
@@ -222,14 +227,20 @@ class TrainConfig:
     eval_steps: int = 10
     seed: int = 1234
     dtype: str = "fp32"
+    # Optional cross-check: when set, must equal micro_batch_size x grad_accum_steps x world.
+    global_batch_size: Optional[int] = None
+    activation_checkpointing: bool = False  # recompute each block in backward
+    max_skipped_in_a_row: int = 5  # non-finite steps skipped in a row before the run stops
 
     def validate(self) -> None:
-        for name in ("grad_accum_steps", "max_steps"):
+        for name in ("grad_accum_steps", "max_steps", "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
                 _fail(f"train.{name}", getattr(self, name), "must be > 0")
         for name in ("eval_every", "eval_steps"):
             if getattr(self, name) < 0:
                 _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            _fail("train.global_batch_size", self.global_batch_size, "must be > 0 (or null)")
         _choice("train.dtype", self.dtype, DTYPES)
 
 
@@ -238,7 +249,6 @@ class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: int = 0  # 0: only at the end and on preemption
     keep_last: int = 2
-    resume: bool = True
 
     def validate(self) -> None:
         if not self.dir:
@@ -254,10 +264,15 @@ class LoggingConfig:
     dir: str = "runs"
     every_steps: int = 10
     tensorboard: bool = True
+    # FLOP/s per rank that perf/mfu divides by; null: a datasheet value on known GPUs,
+    # else measured once at start-up (a matmul benchmark, the CPU's achievable peak).
+    peak_flops: Optional[float] = None
 
     def validate(self) -> None:
         if self.every_steps <= 0:
             _fail("logging.every_steps", self.every_steps, "must be > 0")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            _fail("logging.peak_flops", self.peak_flops, "must be > 0 FLOP/s (or null)")
 
 
 @dataclass
@@ -270,11 +285,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Extra DeepSpeed config keys, merged into the derived config (derived keys win; a
+    # passthrough value that contradicts one is an error). Not typed: DeepSpeed's own.
+    deepspeed: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Checks each section on its own, then the ones that span sections."""
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "deepspeed":
+                getattr(self, f.name).validate()
         if self.data.seq_len > self.model.max_seq_len:
             _fail("data.seq_len", self.data.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len})")
@@ -351,7 +370,11 @@ def config_from_dict(raw: dict) -> Config:
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown config section; known sections: "
                          f"{', '.join(sections)}")
-    cfg = Config(**{name: _build_section(hints[name], name, raw.get(name)) for name in sections})
+    passthrough = raw.get("deepspeed") or {}
+    if not isinstance(passthrough, dict):
+        _fail("deepspeed", passthrough, "must be a mapping of DeepSpeed config keys")
+    cfg = Config(**{name: _build_section(hints[name], name, raw.get(name))
+                    for name in sections if name != "deepspeed"}, deepspeed=passthrough)
     cfg.validate()
     return cfg
 
@@ -439,8 +462,16 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     from moe_train.parallel.topology import Topology  # pure arithmetic, no torch.distributed
 
     Topology(world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
-    return BatchPlan(world_size, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
+    plan = BatchPlan(world_size, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
                      cfg.data.seq_len)
+    want = cfg.train.global_batch_size
+    if want is not None and want != plan.global_batch_size:
+        _fail("train.global_batch_size", want,
+              f"does not add up: data.micro_batch_size {plan.micro_batch_size} x "
+              f"train.grad_accum_steps {plan.grad_accum_steps} x world size {world_size} = "
+              f"{plan.global_batch_size}; change one of them (or set it to null)")
+    _derived_deepspeed_config(cfg, plan)  # a passthrough key contradicting ours fails here
+    return plan
 
 
 def check_vocab_fits(cfg: Config, tokenizer_vocab: int) -> None:
@@ -450,17 +481,52 @@ def check_vocab_fits(cfg: Config, tokenizer_vocab: int) -> None:
                          f"{cfg.data.manifest} has {tokenizer_vocab} tokens; raise it")
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config dict, derived from the typed config (never written by hand)."""
-    plan = validate(cfg, world_size)
-    return {
+# DeepSpeed keys that moe_train owns outright: the client optimizer and the LR schedule
+# (a pure function of the step, moe_train.schedule) are built from the optim section.
+_OWNED_DEEPSPEED_KEYS = {"optimizer": "optim", "scheduler": "optim (lr, min_lr, warmup_steps, decay)"}
+
+
+def _merge_passthrough(derived: dict, extra: dict, path: str = "deepspeed") -> dict:
+    """``derived`` with ``extra`` merged in; a key both set to different values fails."""
+    out = dict(derived)
+    for key, value in extra.items():
+        where = f"{path}.{key}"
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge_passthrough(out[key], value, where)
+        elif out[key] != value:
+            raise ValueError(f"{where} = {value!r}: conflicts with the value moe_train derives "
+                             f"from its own config ({out[key]!r}); set it through moe_train's "
+                             f"section instead (e.g. parallel.zero_stage, optim.grad_clip, "
+                             f"train.dtype, data.micro_batch_size) or drop it")
+    return out
+
+
+def _derived_deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
+    for key, section in _OWNED_DEEPSPEED_KEYS.items():
+        if key in cfg.deepspeed:
+            raise ValueError(f"deepspeed.{key}: moe_train builds the {key} from its {section} "
+                             f"section; remove deepspeed.{key}")
+    derived = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.train.dtype == "bf16"},
-        "fp16": {"enabled": cfg.train.dtype == "fp16"},
+        "fp16": ({"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+                 if cfg.train.dtype == "fp16" else {"enabled": False}),
         "steps_per_print": 10 ** 9,  # moe_train logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    return _merge_passthrough(derived, cfg.deepspeed)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config dict, derived from the typed config (never written by hand),
+    with the ``deepspeed:`` passthrough section merged in (derived keys win; a conflict
+    is a ValueError naming the key and both values). fp16 uses dynamic loss scaling
+    (``loss_scale: 0``) starting at 2^16."""
+    return _derived_deepspeed_config(cfg, validate(cfg, world_size))

@@ -126,24 +126,42 @@ def _mpi_master_addr(env: DistEnv) -> str:
     return MPI.COMM_WORLD.bcast(socket.gethostname() if env.rank == 0 else None, root=0)
 
 
+def _free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600,
-                     env: Optional[DistEnv] = None) -> tuple[DistEnv, torch.device]:
+                     env: Optional[DistEnv] = None,
+                     always_group: bool = False) -> tuple[DistEnv, torch.device]:
     """Initialises the default process group (when world > 1) and picks the device.
 
+    Args:
+        always_group: also give a single process a 1-rank group (DeepSpeed needs one),
+            on a free loopback port unless MASTER_PORT is set.
     Returns:
-        (DistEnv, torch.device). A single process gets no process group at all.
+        (DistEnv, torch.device). Without ``always_group`` a single process gets no
+        process group at all.
     """
     env = env or discover()
     dev = choose_device(device, env.local_rank)
     if dev.type == "cpu":
         keep_freed_memory()
-    if env.world_size == 1 or dist.is_initialized():
+    if dist.is_initialized() or (env.world_size == 1 and not always_group):
         return env, dev
     addr = env.master_addr
+    if env.world_size == 1 and env.source == "single":
+        addr = "127.0.0.1"
+        if "MASTER_PORT" not in os.environ:
+            env = DistEnv(0, 1, 0, addr, _free_local_port(), "single")
     if env.source == "mpi" and "MASTER_ADDR" not in os.environ:
         addr = _mpi_master_addr(env)
     os.environ.setdefault("MASTER_ADDR", addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    # DeepSpeed reads these whatever launched us (Slurm, MPI or a single process).
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(name, str(value))
     dist.init_process_group(
         backend=choose_backend(backend, dev),
         init_method=f"tcp://{addr}:{env.master_port}",

@@ -1,0 +1,190 @@
+"""The only place that calls ``deepspeed.initialize``.
+
+DeepSpeed turns on expert-aware gradient reduction only for modules that are instances
+of ``deepspeed.moe.layer.MoE`` (``has_moe_layers`` in its engine). Our ``MoELayer`` is a
+layer of its own, so without help DeepSpeed would average different experts' gradients
+over all ranks, silently (MOE_REFERENCE.md, "DeepSpeed facts"). ``make_visible_to_deepspeed``
+re-classes each MoE layer in place as a subclass of both (no wrapper: parameter names and
+our forward stay as they are) and builds DeepSpeed's expert groups from OUR topology,
+checking rank by rank that they are the same groups our all-to-all runs over.
+
+Then, per ZeRO stage (tested in tests/test_engine_parity.py):
+  dense gradients   averaged over all ranks;
+  expert gradients  summed over the expert-data-parallel group, divided by the world
+                    size (DeepSpeed's ``_reduce_expert_gradients``, our ``parallel/grads``);
+  clipping          ZeRO 1/2: DeepSpeed's norm (its expert partitions are summed over the
+                    whole world, which counts every expert once: tested equal to the
+                    single-process norm). ZeRO 0: DeepSpeed's ``clip_grad_norm_`` averages
+                    each rank's local norm over the world, which mixes different experts
+                    (DeepSpeed #8475), so at stage 0 DeepSpeed's clipping is switched off
+                    and ``moe_train.parallel.grads.clip_grad_norm_`` clips instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from moe_train.config import Config, OptimConfig, deepspeed_config
+from moe_train.moe.layer import MoELayer
+from moe_train.parallel.groups import ParallelGroups
+
+log = logging.getLogger("moe_train.engine")
+
+
+# ----------------------------------------------------------- DeepSpeed sees our layers
+
+
+def _deepspeed_moe_class():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class DeepSpeedVisibleMoELayer(MoELayer, DeepSpeedMoE):
+        """Our MoE layer, recognised by DeepSpeed as MoE. The forward is ours
+        (MoELayer comes first in the MRO); DeepSpeed's constructor never runs."""
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            from deepspeed.utils import groups as ds_groups
+
+            if use_data_before_expert_parallel_:
+                raise ValueError("deepspeed.use_data_before_expert_parallel_ changes DeepSpeed's "
+                                 "expert layout away from moe_train's topology; remove it")
+            if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+                ds_groups._create_expert_and_data_parallel(self.ep_size)
+
+    return DeepSpeedVisibleMoELayer
+
+
+def make_visible_to_deepspeed(model: nn.Module, ep_size: int) -> list[str]:
+    """Re-classes every ``MoELayer`` of ``model`` so DeepSpeed treats it as MoE; sets the
+    attributes DeepSpeed reads (``num_experts``, ``ep_size``, ``expert_group_name``,
+    ``num_local_experts``). Returns the names of the layers."""
+    cls = _deepspeed_moe_class()
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer) and not isinstance(module, cls):
+            module.__class__ = cls
+            module.num_experts = module.cfg.num_experts
+            module.ep_size = ep_size
+            module.expert_group_name = f"ep_size_{ep_size}"
+            module.num_local_experts = module.num_local
+            module.use_residual = False
+            module.enable_expert_tensor_parallelism = False
+            names.append(name)
+    return names
+
+
+def check_deepspeed_groups(groups: ParallelGroups) -> None:
+    """DeepSpeed's expert-parallel and expert-data-parallel groups must be exactly ours
+    (rank lists, this rank's view); raises RuntimeError naming the difference."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+
+    topo = groups.topology
+    if topo.world_size == 1:
+        return
+    name = f"ep_size_{topo.ep_size}"
+    ours = {"expert-parallel": topo.ep_group_of(groups.rank),
+            "expert-data-parallel": topo.edp_group_of(groups.rank)}
+    theirs = {"expert-parallel": dist.get_process_group_ranks(ds_groups._get_expert_parallel_group(name)),
+              "expert-data-parallel": dist.get_process_group_ranks(
+                  ds_groups._get_expert_data_parallel_group(name))}
+    for kind in ours:
+        if sorted(theirs[kind]) != sorted(ours[kind]):
+            raise RuntimeError(f"rank {groups.rank}: DeepSpeed's {kind} group {sorted(theirs[kind])} "
+                               f"differs from moe_train's {ours[kind]}")
+
+
+# ------------------------------------------------------------------ optimizer groups
+
+
+def is_no_decay(name: str, param: nn.Parameter) -> bool:
+    """No weight decay on norms, biases (1-D tensors) and the router."""
+    return param.dim() < 2 or ".router." in name
+
+
+def optimizer_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Weight-decay groups, then each split into dense and expert groups the way
+    DeepSpeed's ZeRO recognises (``split_params_into_different_moe_groups_for_optimizer``:
+    expert groups carry ``moe: True`` and the expert group name)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if is_no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+# -------------------------------------------------------------------- DeepSpeed config
+
+
+def merged_deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """Our derived DeepSpeed config with the ``deepspeed:`` passthrough section merged in.
+    Derived keys win; a passthrough key that sets one of them to another value is an
+    error naming both (checked again in ``config.validate``)."""
+    ds = deepspeed_config(cfg, world_size)
+    if cfg.parallel.zero_stage == 0:
+        ds["gradient_clipping"] = 0.0  # ZeRO-0: moe_train clips (module docstring)
+    return ds
+
+
+@dataclass
+class Engine:
+    """What the loop needs of DeepSpeed.
+
+    Attributes:
+        ds: the DeepSpeed engine (``ds.module`` is the model).
+        own_clipping: True at ZeRO 0, where moe_train clips and measures the norm.
+        ds_config: the config DeepSpeed was given.
+    """
+
+    ds: Any
+    own_clipping: bool
+    ds_config: dict
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def optimizer(self):
+        return self.ds.optimizer
+
+
+def build_engine(cfg: Config, model: nn.Module, groups: ParallelGroups) -> Engine:
+    """Wraps ``model`` (already on its device, weights initialised) in a DeepSpeed engine
+    with AdamW, ZeRO ``parallel.zero_stage`` and our expert groups."""
+    import deepspeed
+
+    topo = groups.topology
+    make_visible_to_deepspeed(model, topo.ep_size)
+    param_groups = optimizer_param_groups(model, cfg.optim)
+    o = cfg.optim
+    # fused/foreach kernels differ in rounding across layouts; the plain loop is the
+    # same arithmetic on every ZeRO stage, which the parity tests rely on.
+    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay, foreach=False)
+    ds_config = merged_deepspeed_config(cfg, topo.world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=copy.deepcopy(ds_config), dist_init_required=False)
+    check_deepspeed_groups(groups)
+    return Engine(engine, own_clipping=cfg.parallel.zero_stage == 0, ds_config=ds_config)
+
+
+def set_lr(engine: Engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm_after_step(engine: Engine) -> Optional[float]:
+    """The global gradient norm DeepSpeed measured in the last step (ZeRO 1/2)."""
+    norm = engine.ds.get_global_grad_norm()
+    return None if norm is None else float(norm)

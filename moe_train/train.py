@@ -1,0 +1,419 @@
+"""The training loop: config -> distributed -> topology -> model -> engine -> data -> loop.
+
+    python -m moe_train train --config configs/tiny_moe.yaml [--set a.b=c] [--resume auto|PATH|none]
+
+runs as one process, under torchrun, the deepspeed launcher, srun or mpirun (rank
+discovery in ``moe_train.parallel.init``). Each concern lives in its own place: the step
+(``train_step``), the schedule (``moe_train.schedule``), metrics (``moe_train.metrics``),
+checkpoints (``moe_train.checkpoint``), DeepSpeed (``moe_train.engine``).
+
+Seams for launchers: ``StopRequest.request()`` (from a signal handler, say) makes every
+rank stop after the current step, write one complete checkpoint and return
+``TrainResult.stopped = True``; the agreement costs one small all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_train import checkpoint as ckpt
+from moe_train.config import Config, check_vocab_fits, config_to_dict, validate
+from moe_train.engine import Engine, build_engine, set_lr
+from moe_train.metrics import (MetricsWriter, StepTimer, format_console_line, measure_peak_flops,
+                               memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
+from moe_train.moe.losses import total_loss
+from moe_train.parallel.grads import clip_grad_norm_
+from moe_train.parallel.groups import ParallelGroups, build_groups
+from moe_train.parallel.init import DistEnv, init_distributed
+from moe_train.parallel.topology import Topology
+from moe_train.schedule import lr_at
+
+log = logging.getLogger("moe_train.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopRequest:
+    """Set from anywhere (a signal handler); honoured by all ranks at the next step boundary."""
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+
+    def request(self, reason: str = "requested") -> None:
+        self.reason = self.reason or reason
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass
+class TrainResult:
+    """What a run did (rank-local view; losses are the rank-averaged lm losses of every
+    step taken in this process, skipped steps as NaN)."""
+
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    stopped: bool = False
+    checkpoint: Optional[str] = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class StepOut:
+    loss_parts: dict  # lm_loss, aux_loss, z_loss, loss: means over micro-batches (tensors)
+    moe_stats: list
+    grad_norm: Optional[float]
+    skipped: bool
+    stop: bool
+    mean_lm: float  # lm loss averaged over micro-batches and ranks
+
+
+# ------------------------------------------------------------------------ faults
+
+
+def _fault(kind: str, step: int, rank: int) -> bool:
+    """Test-only fault injection: MOE_TRAIN_FAULT="kind@step:rank[,...]"."""
+    for item in filter(None, os.environ.get("MOE_TRAIN_FAULT", "").split(",")):
+        name, _, where = item.partition("@")
+        at_step, _, at_rank = where.partition(":")
+        if name == kind and int(at_step) == step and (at_rank == "" or int(at_rank) == rank):
+            return True
+    return False
+
+
+# -------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Dense weights need the same draw on every rank (seeded alike); data order and
+    jitter are seeded per (seed, rank) after the model is built."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2 ** 32)
+    torch.manual_seed(seed + 1000003 * rank)
+
+
+def build_model(cfg: Config, groups: ParallelGroups, device: torch.device):
+    from moe_train.model.transformer import MoETransformer
+
+    torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
+    balance_group = groups.dp if cfg.moe.balance_scope == "global" else None
+    model = MoETransformer(cfg.model, cfg.moe, ep_group=groups.ep, balance_group=balance_group,
+                           activation_checkpointing=cfg.train.activation_checkpointing)
+    return model.to(device)
+
+
+def _broadcast_choice(value, env: DistEnv):
+    """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
+    if env.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _endless(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def startup_report(cfg: Config, topo: Topology, engine: Engine, device, resumed: Optional[Path]) -> str:
+    from moe_train.model.sizing import human_count, param_counts
+
+    counts = param_counts(cfg.model, cfg.moe)
+    lines = ["# topology", *topo.describe(),
+             f"device {device}, backend {dist.get_backend() if dist.is_initialized() else 'none'}, "
+             f"dtype {cfg.train.dtype}, ZeRO stage {cfg.parallel.zero_stage}",
+             "# parameters",
+             f"total {human_count(counts.total)} = dense {human_count(counts.dense)} + experts "
+             f"{human_count(counts.expert)}; active per token {human_count(counts.active_per_token)}",
+             "# deepspeed config", str(engine.ds_config),
+             f"# resume: {resumed if resumed else 'fresh start'}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- step
+
+
+def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: ParallelGroups,
+               device, step: int, stop: StopRequest) -> StepOut:
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches.
+
+    A non-finite loss on any rank turns the last backward into NaN gradients on purpose,
+    so every rank's optimizer (DeepSpeed's ZeRO overflow check, or our own norm at ZeRO
+    0) skips this step identically and discards the accumulated gradients. The ranks
+    agree on that and on a stop request in one all-reduce per step.
+    """
+    ds, gas = engine.ds, cfg.train.grad_accum_steps
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
+    bad = torch.zeros((), device=device)
+    rank = groups.rank
+    for micro in range(gas):
+        batch = next(batches)
+        ds.set_gradient_accumulation_boundary(micro == gas - 1)
+        out = ds(batch["input_ids"].to(device), batch["labels"].to(device))
+        loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe)
+        if _fault("nan_loss", step, rank):
+            loss = loss * float("nan")
+        bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        sums["lm_loss"] += out.lm_loss.detach() / gas
+        if micro == gas - 1:  # [any bad loss, any stop request, sum of lm losses]: one all-reduce
+            packed = torch.stack([bad, torch.tensor(float(stop.requested), device=device),
+                                  sums["lm_loss"].float()])
+            if groups.dp is not None:
+                dist.all_reduce(packed, group=groups.dp)
+            skip, want_stop = bool(packed[0] > 0), bool(packed[1] > 0)
+            mean_lm = float(packed[2]) / groups.topology.world_size
+            if skip:
+                loss = loss * float("nan")
+        ds.backward(loss)
+        sums["loss"] += loss.detach() / gas
+        sums["aux_loss"] += sum((a.detach() for a, _ in out.moe_losses), torch.zeros((), device=device)) / gas
+        sums["z_loss"] += sum((z.detach() for _, z in out.moe_losses), torch.zeros((), device=device)) / gas
+    set_lr(engine, lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+                         total_steps=cfg.train.max_steps, decay=cfg.optim.decay))
+    grad_norm = None
+    if engine.own_clipping:
+        grad_norm = float(clip_grad_norm_(ds.module, cfg.optim.grad_clip, groups))
+        if not math.isfinite(grad_norm):
+            ds.zero_grad()  # ZeRO 0: gradients live in .grad; drop them, take no step
+            return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm)
+    skipped_before = ds.skipped_steps
+    ds.step()
+    skipped = skip or ds.skipped_steps > skipped_before
+    if grad_norm is None:
+        norm = ds.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+    return StepOut(sums, out.moe_stats, grad_norm, skipped, want_stop, mean_lm)
+
+
+# ------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, loader, cfg: Config, groups: ParallelGroups, device) -> dict[str, float]:
+    """Token-weighted mean validation loss over ``train.eval_steps`` batches per rank
+    (0: the whole split); every rank runs the same number of batches (EP collectives)."""
+    import torch.nn.functional as F
+
+    model = engine.module
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+    try:
+        for i, batch in enumerate(loader):
+            if cfg.train.eval_steps and i >= cfg.train.eval_steps:
+                break
+            labels = batch["labels"].to(device)
+            out = model(batch["input_ids"].to(device))
+            total[0] += F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels.flatten(),
+                                        ignore_index=-100, reduction="sum").double()
+            total[1] += (labels != -100).sum()
+    finally:
+        model.train()
+    if groups.dp is not None:
+        dist.all_reduce(total, group=groups.dp)
+    loss = float(total[0] / total[1].clamp_min(1))
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": float(total[1])}
+
+
+# -------------------------------------------------------------------------- run
+
+
+class _Run:
+    """The state one ``train`` call threads through its helpers."""
+
+    def __init__(self, cfg: Config, env: DistEnv, device, groups: ParallelGroups, plan):
+        self.cfg, self.env, self.device, self.groups, self.plan = cfg, env, device, groups, plan
+        self.rank = env.rank
+        self.writer = MetricsWriter(cfg.logging.dir if cfg.logging.tensorboard else None, env.rank == 0)
+        self.timer = StepTimer()
+        self.layer_ids = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
+        self.flops_per_token = _flops_per_token(cfg)
+        self.peak_flops = None
+
+    def print(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
+
+def _flops_per_token(cfg: Config) -> float:
+    from moe_train.model.sizing import flops_per_token
+
+    return flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
+
+
+def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: ckpt.TrainState) -> None:
+    """Reduces and writes the metrics of ``step`` (a collective: every rank calls it)."""
+    cfg = run.cfg
+    losses = reduce_mean(out.loss_parts, run.groups.dp)
+    moe_scalars, hists = moe_metrics(out.moe_stats, run.layer_ids, run.groups.dp)
+    window = run.timer.window(cfg.train.max_steps - step)
+    values = {"train/" + k: v for k, v in losses.items()}
+    values.update({"train/lr": lr, "train/skipped_steps": state.skipped_steps,
+                   "train/tokens_seen": state.tokens_seen})
+    if out.grad_norm is not None:
+        values["train/grad_norm"] = out.grad_norm
+    if window:
+        values["perf/tokens_per_s"] = window["tokens_per_s"]
+        values["perf/step_time_s"] = window["step_time_s"]
+        if run.peak_flops:
+            achieved = window["tokens_per_s"] * run.flops_per_token / run.env.world_size
+            values["perf/mfu"] = achieved / run.peak_flops
+    values[memory_tag(run.device)] = peak_memory_bytes(run.device)
+    values.update(moe_scalars)
+    run.writer.scalars(step, values)
+    for tag, counts in hists.items():
+        run.writer.histogram(tag, counts, step)
+    console = {**losses, "lr": lr, "grad_norm": out.grad_norm, **window,
+               "drop_frac": moe_scalars.get("moe/mean/drop_frac"), "load_cv": moe_scalars.get("moe/mean/load_cv")}
+    run.print(format_console_line(step, cfg.train.max_steps,
+                                  {k: v for k, v in console.items() if v is not None}))
+
+
+def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader) -> Optional[Path]:
+    """A collective checkpoint; a failed save is logged and training goes on (the
+    previous checkpoint stays the one to resume from)."""
+    cfg = run.cfg
+    loader_state = loader.state_dict()
+    if run.env.world_size > 1:
+        states: list = [None] * run.env.world_size
+        dist.all_gather_object(states, loader_state)
+    else:
+        states = [loader_state]
+    state.loader_states = states
+    hook = None
+    if _fault("kill_in_save", state.step, run.rank):
+        def hook(phase, tmp):  # the writer dies with its files half published
+            os._exit(137)
+    try:
+        path = ckpt.save_checkpoint(cfg.checkpoint.dir, model=engine.module, optimizer=engine.optimizer,
+                                    state=state, topo=run.groups.topology, rank=run.rank,
+                                    config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
+                                    fault_hook=hook)
+    except ckpt.CheckpointError as err:
+        run.print(f"ERROR: {err}")
+        return None
+    run.print(f"checkpoint step {state.step} -> {path}")
+    return path
+
+
+def _restore(run: _Run, path: Path, engine: Engine, loader, state: ckpt.TrainState) -> None:
+    """Optimizer, RNG and data position after the weights (loaded before the engine)."""
+    meta = ckpt.read_meta(path)
+    saved = meta["train_state"]
+    state.step, state.tokens_seen, state.skipped_steps = saved["step"], saved["tokens_seen"], saved["skipped_steps"]
+    topo = run.groups.topology
+    if ckpt.same_layout(meta, topo, config_to_dict(run.cfg)):
+        rank_state = ckpt.load_rank_state(path, run.rank)
+        ckpt.load_optimizer_state(engine.optimizer, rank_state["optimizer"], topo.world_size)
+        ckpt.set_rng_state(rank_state["rng"])
+        loader.load_state_dict(saved["loader_states"][run.rank])
+        run.print(f"resumed from {path} at step {state.step}: weights, optimizer, RNG and data position")
+    else:
+        old = meta["topology"]
+        loader.load_state_dict(saved["loader_states"][0])
+        run.print(f"WARNING: resumed from {path} (saved at world {old['world_size']}, ep {old['ep_size']}, "
+                  f"ZeRO {meta['config']['parallel']['zero_stage']}, {meta['config']['train']['dtype']}) on "
+                  f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {run.cfg.parallel.zero_stage}, "
+                  f"{run.cfg.train.dtype}: weights loaded by global expert id; the optimizer state "
+                  f"(Adam moments and step counts) was NOT loaded and starts fresh; RNG re-seeded; "
+                  f"the data loader re-split the rest of the epoch")
+
+
+def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None) -> TrainResult:
+    """Trains until ``train.max_steps`` (or a stop request); returns what happened."""
+    from moe_train.data import build_train_loader, build_val_loader
+
+    stop = stop or StopRequest()
+    env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
+                                   always_group=True)
+    try:
+        plan = validate(cfg, env.world_size)
+        topo = Topology(env.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
+        groups = build_groups(topo, env.rank)
+        run = _Run(cfg, env, device, groups, plan)
+        return _train(run, resume, stop, build_train_loader, build_val_loader)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(run: _Run, resume: str, stop: StopRequest, build_train_loader, build_val_loader) -> TrainResult:
+    cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
+    path = _broadcast_choice(ckpt.find_checkpoint(cfg.checkpoint.dir, resume) if env.rank == 0 else None, env)
+    model = build_model(cfg, groups, device)
+    if path is not None:
+        ckpt.check_compatible(ckpt.read_meta(path), config_to_dict(cfg), path)
+        ckpt.load_model_weights(path, model, groups.topology, env.rank)
+    engine = build_engine(cfg, model, groups)
+    loader = build_train_loader(cfg.data, env.rank, env.world_size)
+    check_vocab_fits(cfg, loader.manifest["vocab_size"])
+    val_loader = build_val_loader(cfg.data, env.rank, env.world_size) if cfg.train.eval_every else None
+    state = ckpt.TrainState()
+    seed_everything(cfg.train.seed, env.rank)
+    if path is not None:
+        _restore(run, path, engine, loader, state)
+    run.print(startup_report(cfg, groups.topology, engine, device, path))
+    run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
+    run.writer.text("config", "```\n" + _yaml(cfg) + "\n```", state.step)
+    result = TrainResult(final_step=state.step, skipped_steps=state.skipped_steps)
+    batches = _endless(loader)
+    in_a_row, last_saved = 0, None
+    try:
+        run.timer.restart()
+        while state.step < cfg.train.max_steps:
+            state.step += 1
+            out = train_step(engine, batches, cfg, groups, device, state.step, stop)
+            state.tokens_seen += run.plan.tokens_per_step
+            run.timer.tick(run.plan.tokens_per_step)
+            in_a_row = in_a_row + 1 if out.skipped else 0
+            state.skipped_steps += int(out.skipped)
+            result.losses[state.step] = float("nan") if out.skipped else out.mean_lm
+            if out.skipped:
+                run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
+                          f"({in_a_row} in a row, {state.skipped_steps} in all)")
+                if in_a_row >= cfg.train.max_skipped_in_a_row:
+                    raise RuntimeError(f"step {state.step}: {in_a_row} non-finite steps in a row "
+                                       f"(train.max_skipped_in_a_row = {cfg.train.max_skipped_in_a_row}); "
+                                       f"stopping without checkpointing the non-finite state; the last "
+                                       f"checkpoint is {last_saved or 'none from this run'}")
+            lr = engine.optimizer.param_groups[0]["lr"]
+            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
+                _log_step(run, state.step, out, lr, state)
+            if val_loader is not None and state.step % cfg.train.eval_every == 0:
+                scores = evaluate(engine, val_loader, cfg, groups, device)
+                run.writer.scalars(state.step, scores)
+                run.print(f"eval step {state.step}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f}")
+                run.timer.restart()
+            due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            # A skipped step changed nothing, so the state is the last finite one: safe to save.
+            if due or out.stop or state.step == cfg.train.max_steps:
+                last_saved = _save(run, engine, state, loader) or last_saved
+                run.timer.restart()
+            if out.stop:
+                run.print(f"stopping at step {state.step} on request ({stop.reason or 'another rank'})")
+                result.stopped = True
+                break
+    finally:
+        run.writer.close()
+    result.final_step, result.skipped_steps = state.step, state.skipped_steps
+    result.checkpoint = str(last_saved) if last_saved else None
+    return result
+
+
+def _yaml(cfg: Config) -> str:
+    from moe_train.config import dump_config
+
+    return dump_config(cfg)
