@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from moe_train.checkpoint import CheckpointError
 from moe_train.config import check_vocab_fits, deepspeed_config, dump_config, load_config, validate
 
 
@@ -130,9 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from moe_train.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
-    if result.stopped:
-        return 0
+    train(cfg, resume=args.resume)
     return 0
 
 
@@ -191,3 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # user mistakes: one clear line, no traceback
         print(f"moe-train {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"moe-train {args.command}: checkpoint error: {err}", file=sys.stderr)
+        return 3

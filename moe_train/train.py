@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -37,7 +38,7 @@ from moe_train.metrics import (MetricsWriter, StepTimer, format_console_line, me
 from moe_train.moe.losses import total_loss
 from moe_train.parallel.grads import clip_grad_norm_
 from moe_train.parallel.groups import ParallelGroups, build_groups
-from moe_train.parallel.init import DistEnv, init_distributed
+from moe_train.parallel.init import DistEnv, discover, init_distributed
 from moe_train.parallel.topology import Topology
 from moe_train.schedule import lr_at
 
@@ -66,7 +67,10 @@ class TrainResult:
 
     final_step: int
     losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, Optional[float]] = field(default_factory=dict)
+    batch_digests: dict[int, int] = field(default_factory=dict)  # this rank's input ids, hashed
     stopped: bool = False
+    state: Optional[dict] = None  # with keep_state: final parameters by name (CPU)
     checkpoint: Optional[str] = None
     skipped_steps: int = 0
 
@@ -79,6 +83,7 @@ class StepOut:
     skipped: bool
     stop: bool
     mean_lm: float  # lm loss averaged over micro-batches and ranks
+    digest: int = 0  # a hash of this rank's input ids of the step (same data <=> same digest)
 
 
 # ------------------------------------------------------------------------ faults
@@ -159,9 +164,10 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
     ds, gas = engine.ds, cfg.train.grad_accum_steps
     sums = {k: torch.zeros((), device=device) for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
     bad = torch.zeros((), device=device)
-    rank = groups.rank
+    rank, digest = groups.rank, 0
     for micro in range(gas):
         batch = next(batches)
+        digest = zlib.crc32(batch["input_ids"].numpy().tobytes(), digest)
         ds.set_gradient_accumulation_boundary(micro == gas - 1)
         out = ds(batch["input_ids"].to(device), batch["labels"].to(device))
         loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe)
@@ -189,14 +195,14 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
         grad_norm = float(clip_grad_norm_(ds.module, cfg.optim.grad_clip, groups))
         if not math.isfinite(grad_norm):
             ds.zero_grad()  # ZeRO 0: gradients live in .grad; drop them, take no step
-            return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm)
+            return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm, digest)
     skipped_before = ds.skipped_steps
     ds.step()
     skipped = skip or ds.skipped_steps > skipped_before
     if grad_norm is None:
         norm = ds.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
-    return StepOut(sums, out.moe_stats, grad_norm, skipped, want_stop, mean_lm)
+    return StepOut(sums, out.moe_stats, grad_norm, skipped, want_stop, mean_lm, digest)
 
 
 # ------------------------------------------------------------------------- eval
@@ -332,25 +338,39 @@ def _restore(run: _Run, path: Path, engine: Engine, loader, state: ckpt.TrainSta
                   f"the data loader re-split the rest of the epoch")
 
 
-def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None) -> TrainResult:
-    """Trains until ``train.max_steps`` (or a stop request); returns what happened."""
+def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
+          loaders=None, keep_state: bool = False) -> TrainResult:
+    """Trains until ``train.max_steps`` (or a stop request); returns what happened.
+
+    Args:
+        resume: "auto", "none" or a checkpoint path (``moe_train.checkpoint.find_checkpoint``).
+        stop: set it (e.g. from a signal handler) to stop and checkpoint at the next step.
+        loaders: ``(rank, world) -> (train_loader, val_loader or None)`` replacing the
+            streaming loaders (tests feed identical global batches to different layouts).
+        keep_state: return this rank's final parameters in ``TrainResult.state``.
+    """
     from moe_train.data import build_train_loader, build_val_loader
 
     stop = stop or StopRequest()
+    env = discover()
+    plan = validate(cfg, env.world_size)  # a bad config fails here, before any process group
     env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
-                                   always_group=True)
+                                   env=env, always_group=True)
     try:
-        plan = validate(cfg, env.world_size)
         topo = Topology(env.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
         groups = build_groups(topo, env.rank)
         run = _Run(cfg, env, device, groups, plan)
-        return _train(run, resume, stop, build_train_loader, build_val_loader)
+        if loaders is None:
+            def loaders(rank, world):
+                return (build_train_loader(cfg.data, rank, world),
+                        build_val_loader(cfg.data, rank, world) if cfg.train.eval_every else None)
+        return _train(run, resume, stop, loaders, keep_state)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(run: _Run, resume: str, stop: StopRequest, build_train_loader, build_val_loader) -> TrainResult:
+def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool) -> TrainResult:
     cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
     path = _broadcast_choice(ckpt.find_checkpoint(cfg.checkpoint.dir, resume) if env.rank == 0 else None, env)
     model = build_model(cfg, groups, device)
@@ -358,9 +378,8 @@ def _train(run: _Run, resume: str, stop: StopRequest, build_train_loader, build_
         ckpt.check_compatible(ckpt.read_meta(path), config_to_dict(cfg), path)
         ckpt.load_model_weights(path, model, groups.topology, env.rank)
     engine = build_engine(cfg, model, groups)
-    loader = build_train_loader(cfg.data, env.rank, env.world_size)
+    loader, val_loader = loaders(env.rank, env.world_size)
     check_vocab_fits(cfg, loader.manifest["vocab_size"])
-    val_loader = build_val_loader(cfg.data, env.rank, env.world_size) if cfg.train.eval_every else None
     state = ckpt.TrainState()
     seed_everything(cfg.train.seed, env.rank)
     if path is not None:
@@ -375,12 +394,16 @@ def _train(run: _Run, resume: str, stop: StopRequest, build_train_loader, build_
         run.timer.restart()
         while state.step < cfg.train.max_steps:
             state.step += 1
+            if _fault("stop", state.step, env.rank):  # as if a signal reached this rank now
+                stop.request("fault injection")
             out = train_step(engine, batches, cfg, groups, device, state.step, stop)
             state.tokens_seen += run.plan.tokens_per_step
             run.timer.tick(run.plan.tokens_per_step)
             in_a_row = in_a_row + 1 if out.skipped else 0
             state.skipped_steps += int(out.skipped)
             result.losses[state.step] = float("nan") if out.skipped else out.mean_lm
+            result.grad_norms[state.step] = out.grad_norm
+            result.batch_digests[state.step] = out.digest
             if out.skipped:
                 run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
                           f"({in_a_row} in a row, {state.skipped_steps} in all)")
@@ -410,6 +433,8 @@ def _train(run: _Run, resume: str, stop: StopRequest, build_train_loader, build_
         run.writer.close()
     result.final_step, result.skipped_steps = state.step, state.skipped_steps
     result.checkpoint = str(last_saved) if last_saved else None
+    if keep_state:
+        result.state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
     return result
 
 
