@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The README's main command. On a fresh machine: sets up .venv, writes a synthetic
-# corpus, trains a sentencepiece tokenizer, packs webdataset shards, then trains a tiny
-# MoE language model on 2 ranks with expert parallelism (gloo on CPU, NCCL on GPUs).
-# Extra arguments go to the trainer, e.g. `bash launchers/demo.sh --steps 20`.
+# corpus, trains a sentencepiece tokenizer, packs webdataset shards, then pretrains a tiny
+# MoE language model on 2 ranks with expert parallelism and DeepSpeed ZeRO-2 (gloo on
+# CPU, NCCL on GPUs) through `moe_train train`, with checkpoints and TensorBoard events
+# under DEMO_OUT. Extra arguments go to the trainer, e.g. `bash launchers/demo.sh --steps 20`
+# or `--resume none` (by default a second run resumes from the newest checkpoint).
 # Environment: DEMO_OUT (default demo_out), NPROC (ranks, default 2),
-#   LAUNCHER: torchrun (default), deepspeed, or mpirun (ranks from Open MPI, address via mpi4py).
+#   LAUNCHER: deepspeed (default), torchrun, or mpirun (ranks from Open MPI, address via mpi4py).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -20,11 +22,20 @@ run() { echo "+ $*" >&2; "$@"; }
     --input "$out/corpus.jsonl" --tokenizer "$out/tok/sp.model" --output "$out/shards" \
     --seq-len 64 --val-fraction 0.02 --samples-per-shard 256
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-args=(train --config configs/tiny_moe.yaml --set "data.manifest=$out/shards/manifest.json" "$@")
-case "${LAUNCHER:-torchrun}" in
-  torchrun)  run torchrun --standalone --nproc_per_node "$nproc" -m moe_train.demo "${args[@]}" ;;
-  deepspeed) run deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" moe_train/demo.py "${args[@]}" ;;
+# --steps N is the demo's shorthand for --set train.max_steps=N.
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --steps) extra+=(--set "train.max_steps=$2"); shift 2 ;;
+    *) extra+=("$1"); shift ;;
+  esac
+done
+args=(train --config configs/tiny_moe.yaml --set "data.manifest=$out/shards/manifest.json"
+      --set "checkpoint.dir=$out/checkpoints" --set "logging.dir=$out/runs" "${extra[@]}")
+case "${LAUNCHER:-deepspeed}" in
+  deepspeed) run deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module moe_train "${args[@]}" ;;
+  torchrun)  run torchrun --standalone --nproc_per_node "$nproc" -m moe_train "${args[@]}" ;;
   mpirun)    run mpirun --allow-run-as-root --oversubscribe -n "$nproc" \
-                 -x OMP_NUM_THREADS -x PATH python -m moe_train.demo "${args[@]}" ;;
-  *) echo "LAUNCHER=${LAUNCHER}: must be torchrun, deepspeed or mpirun" >&2; exit 2 ;;
+                 -x OMP_NUM_THREADS -x PATH python -m moe_train "${args[@]}" ;;
+  *) echo "LAUNCHER=${LAUNCHER}: must be deepspeed, torchrun or mpirun" >&2; exit 2 ;;
 esac

@@ -385,8 +385,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"--set {text!r}: expected section.key=value, e.g. moe.top_k=2")
     key, _, value = text.partition("=")
     path = key.strip().split(".")
-    if len(path) != 2 or not all(path):
-        raise ValueError(f"--set {text!r}: key must be section.key, e.g. moe.top_k")
+    nested_ok = path[0] == "deepspeed" and len(path) >= 2  # deepspeed.zero_optimization.overlap_comm
+    if not all(path) or (len(path) != 2 and not nested_ok):
+        raise ValueError(f"--set {text!r}: key must be section.key, e.g. moe.top_k "
+                         f"(or deepspeed.a.b.c for a DeepSpeed passthrough key)")
     return path, yaml.safe_load(value) if value.strip() else None
 
 
@@ -405,11 +407,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: top level must be a mapping of sections")
     for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
-        raw[section][key] = value
+        keys, value = parse_override(text)
+        node = raw
+        for part in keys[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
     try:
         return config_from_dict(raw)
     except ValueError as err:

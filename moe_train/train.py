@@ -433,6 +433,9 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
         run.writer.close()
     result.final_step, result.skipped_steps = state.step, state.skipped_steps
     result.checkpoint = str(last_saved) if last_saved else None
+    run.print(f"done: step {state.step}/{cfg.train.max_steps}, {state.tokens_seen:,} tokens, "
+              f"{state.skipped_steps} skipped steps; last checkpoint {result.checkpoint}; "
+              f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
     if keep_state:
         result.state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
     return result

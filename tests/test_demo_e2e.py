@@ -1,8 +1,10 @@
-"""The README's main command end to end: corpus -> tokenizer -> shards -> 2 expert-
-parallel ranks on gloo, through each real launcher. The loss must fall (a broken router,
-dispatcher or gradient reduction shows up as a flat or diverging curve), and torchrun,
-the deepspeed launcher and mpirun must train the very same model: same losses."""
+"""The README's main command end to end: corpus -> tokenizer -> shards -> `moe_train
+train` on 2 expert-parallel ranks under DeepSpeed ZeRO-2 on gloo, through each real
+launcher. The loss must fall, the TensorBoard event file (read with TensorBoard's own
+EventAccumulator) must hold the documented tags with sane values, and torchrun and mpirun
+must train the very same model as the deepspeed launcher: same losses."""
 
+import math
 import os
 import re
 import subprocess
@@ -13,41 +15,73 @@ import pytest
 from dist_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^step\s+(\d+)/(\d+) \|.*\blm (\S+)", re.M)
 
 
-def run_demo(out_dir, launcher, steps):
+def run_demo(out_dir, launcher, steps, run_name):
     env = dict(os.environ, DEMO_OUT=str(out_dir), NPROC="2", LAUNCHER=launcher,
                MASTER_PORT=str(free_port()))
     env.pop("MASTER_ADDR", None)
-    out = subprocess.run(["bash", "launchers/demo.sh", "--steps", str(steps), "--set", "logging.every_steps=5"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["bash", "launchers/demo.sh", "--steps", str(steps), "--resume", "none",
+           "--set", "logging.every_steps=5", "--set", f"checkpoint.dir={out_dir}/{run_name}/ckpt",
+           "--set", f"logging.dir={out_dir}/{run_name}/tb"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "world 2 = ep 2 x edp 1" in out.stdout
-    steps_losses = re.findall(r"step\s+(\d+)\s+lm_loss ([\d.]+)", out.stdout)
-    return out, {int(s): float(v) for s, v in steps_losses}
+    assert "world 2 = ep 2 x edp 1" in out.stdout and "ZeRO stage 2" in out.stdout
+    return out, {int(s): float(v) for s, _, v in LINE.findall(out.stdout)}
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(tmp_path_factory):
+def deepspeed_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("demo")
-    out, losses = run_demo(out_dir, "torchrun", 25)
+    out, losses = run_demo(out_dir, "deepspeed", 30, "ds")
     return out_dir, out, losses
 
 
-def test_demo_trains_with_expert_parallelism_under_torchrun(torchrun_run):
-    out_dir, out, losses = torchrun_run
-    assert "+ torchrun --standalone --nproc_per_node 2" in out.stderr  # the launcher shows its command
-    assert sorted(losses) == [5, 10, 15, 20, 25]
-    assert losses[25] < losses[5] - 0.5, losses
-    assert (out_dir / "shards" / "manifest.json").is_file()
+def test_demo_trains_under_the_deepspeed_launcher(deepspeed_run):
+    out_dir, out, losses = deepspeed_run
+    assert "+ deepspeed --num_gpus 2" in out.stderr  # the launcher shows its command
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[30] < losses[5] - 0.5, losses
+    assert re.search(r"eval step 25: loss [\d.]+ ppl", out.stdout)
+    assert "checkpoint step 30 ->" in out.stdout and "tensorboard --logdir" in out.stdout
+    assert (out_dir / "ds" / "ckpt" / "latest").read_text().strip() == "step_00000030"
 
 
-@pytest.mark.parametrize("launcher, shown", [("deepspeed", "+ deepspeed --num_gpus 2"),
+def test_tensorboard_event_file_holds_the_documented_tags(deepspeed_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out_dir, _, losses = deepspeed_run
+    acc = EventAccumulator(str(out_dir / "ds" / "tb"), size_guidance={"scalars": 0, "histograms": 0,
+                                                                       "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    wanted = {"train/loss", "train/lm_loss", "train/aux_loss", "train/z_loss", "train/lr",
+              "train/grad_norm", "train/skipped_steps", "perf/tokens_per_s", "perf/step_time_s",
+              "perf/mfu", "mem/peak_rss_bytes", "eval/loss", "eval/ppl"}
+    for layer in (1, 3):  # tiny_moe: blocks 1 and 3 are MoE
+        wanted |= {f"moe/layer_{layer}/{k}" for k in ("load_cv", "drop_frac", "router_entropy", "max_load")}
+    assert wanted <= scalars, wanted - scalars
+    assert not [t for t in scalars if re.search(r"expert_\d|/expert/\d", t)]  # bounded cardinality
+    assert {"moe/layer_1/expert_load", "moe/layer_3/expert_load"} <= set(tags["histograms"])
+    lm = {e.step: e.value for e in acc.Scalars("train/lm_loss")}
+    assert sorted(lm) == [5, 10, 15, 20, 25, 30]
+    assert lm[30] == pytest.approx(losses[30], abs=1e-3)
+    assert all(0 < e.value < 1 for e in acc.Scalars("perf/mfu"))
+    assert all(e.value > 0 for e in acc.Scalars("perf/tokens_per_s"))
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("moe/layer_1/drop_frac"))
+    assert all(0 < e.value <= math.log(4) + 1e-4 for e in acc.Scalars("moe/layer_3/router_entropy"))
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert lr[0] > lr[-1] > 0  # cosine decay after warm-up
+    assert any("config" in t for t in tags["tensors"])  # the resolved config as text
+
+
+@pytest.mark.parametrize("launcher, shown", [("torchrun", "+ torchrun --standalone --nproc_per_node 2"),
                                              ("mpirun", "+ mpirun --allow-run-as-root")])
-def test_other_launchers_train_the_same_model(torchrun_run, launcher, shown):
-    out_dir, _, reference = torchrun_run
-    out, losses = run_demo(out_dir, launcher, 10)  # reuses the shards made by the torchrun run
+def test_other_launchers_train_the_same_model(deepspeed_run, launcher, shown):
+    out_dir, _, reference = deepspeed_run
+    out, losses = run_demo(out_dir, launcher, 30, launcher)  # reuses the shards made above
     assert shown in out.stderr
-    assert sorted(losses) == [5, 10]
-    assert losses[5] == pytest.approx(reference[5], abs=1e-3)
-    assert losses[10] == pytest.approx(reference[10], abs=1e-3)
+    for step in (5, 10):
+        assert losses[step] == pytest.approx(reference[step], abs=1e-3), (launcher, step)

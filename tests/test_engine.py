@@ -2,6 +2,7 @@
 reduction, non-finite steps, bad configs failing before any process group."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -86,3 +87,45 @@ def test_too_many_nonfinite_steps_stop_the_run_naming_the_step(tmp_path):
                    parallel={"zero_stage": 0})
     with pytest.raises(AssertionError, match=r"step 4: 2 non-finite steps in a row"):
         run_train(cfg, 1, fault="nan_loss@3,nan_loss@4")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.expert_parallel_size=3"], r"parallel.expert_parallel_size = 3: must divide the world size \(2\)"),
+    (["parallel.expert_parallel_size=2", "moe.num_experts=3"], r"moe.num_experts = 3: must be divisible"),
+    (["train.global_batch_size=12"], r"train.global_batch_size = 12: does not add up: data.micro_batch_size 4 "
+                                     r"x train.grad_accum_steps 1 x world size 2 = 8"),
+    (["deepspeed.zero_optimization.stage=1"], r"deepspeed.zero_optimization.stage = 1: conflicts .* \(2\)"),
+    (["deepspeed.optimizer.type=Adam"], r"deepspeed.optimizer: moe_train builds the optimizer"),
+    (["parallel.zero_stage=3"], r"parallel.zero_stage = 3: .*ZeRO-3.*use zero_stage 2"),
+])
+def test_bad_config_fails_before_any_process_group(monkeypatch, capsys, overrides, message):
+    """Under a 2-rank launch environment, a bad config is one error line naming the field,
+    and no process group is ever started (so no rank waits for the others)."""
+    import torch.distributed as dist
+
+    from moe_train.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("init_process_group called for a bad config")
+
+    monkeypatch.setattr(dist, "init_process_group", forbidden)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["train", "--config", "configs/tiny_moe.yaml"]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_passthrough_keys_merge_when_they_do_not_conflict():
+    from moe_train.config import deepspeed_config, load_config
+
+    cfg = load_config("configs/tiny_moe.yaml", ["deepspeed.zero_optimization.overlap_comm=true",
+                                                "deepspeed.zero_optimization.stage=2",
+                                                "deepspeed.communication_data_type=fp32"])
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["communication_data_type"] == "fp32" and ds["train_batch_size"] == 8
