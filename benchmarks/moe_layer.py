@@ -14,8 +14,16 @@ Contenders, on the same x_TD (requires_grad, so backward includes dX), k = 1, cf
 Each timing is the minimum over --reps repetitions after a warm-up; the contenders are
 interleaved within each repetition so a noisy neighbour hurts them alike.
 
+On CUDA (--device cuda) every contender and x_TD live on the GPU, the warm-up is
+CUDA_WARMUP calls each (kernel selection, allocator), and each call is timed with CUDA
+events between device synchronisations. --dtype bf16 runs every contender with bf16
+WEIGHTS and a bf16 x_TD (module.to(bfloat16), as DeepSpeed's bf16 training holds them;
+not autocast, so no contender keeps a matmul in fp32 that another runs in bf16); the
+routers still compute their logits in fp32 (ours and DeepSpeed's upcast). The default,
+--device cpu --dtype fp32, is the CPU benchmark as it always was.
+
   PYTHONPATH=. python -m benchmarks.moe_layer [--reps 5] [--cases 0,1,2] [--threads N]
-      [--json out.json] [--malloc default|keep]
+      [--json out.json] [--malloc default|keep] [--device cpu|cuda] [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
@@ -44,10 +52,34 @@ SPEEDUP_TARGET = {8: 1.1, 64: 1.2, 128: 1.5}
 DENSE_TARGET = {8: 1.2, 64: 1.6, 128: 1.8}
 EXPERTS_TARGET = 1.25  # ours / experts_only, every E
 CAPACITY_FACTOR = 1.25
+CUDA_WARMUP = 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_min_ms(steps: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Minimum wall time in ms of each step, after one warm-up call each; interleaved."""
+def _cuda_ms(step: Callable[[], None]) -> float:
+    """One call's GPU time in ms: CUDA events, the device idle before and after."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_min_ms(steps: dict[str, Callable[[], None]], reps: int,
+                device: Optional[torch.device] = None) -> dict[str, float]:
+    """Minimum wall time in ms of each step, after one warm-up call each; interleaved.
+    On a CUDA ``device``: CUDA_WARMUP warm-up calls each and CUDA-event timing."""
+    if device is not None and device.type == "cuda":
+        for _ in range(CUDA_WARMUP):
+            for step in steps.values():
+                step()
+        times = {name: math.inf for name in steps}
+        for _ in range(reps):
+            for name, step in steps.items():
+                times[name] = min(times[name], _cuda_ms(step))
+        return times
     for step in steps.values():
         step()
     times = {name: math.inf for name in steps}
@@ -70,7 +102,8 @@ def _fwd_bwd(module: nn.Module, x_TD: Tensor, run: Callable[[Tensor], Tensor]) -
 
 def ours_step(tokens: int, d_model: int, d_ff: int, num_experts: int,
               x_TD: Optional[Tensor] = None) -> Optional[Callable[[], None]]:
-    """fwd + bwd of our MoELayer (k = 1, cf = 1.25, GELU); None if the layer is missing."""
+    """fwd + bwd of our MoELayer (k = 1, cf = 1.25, GELU) on x_TD's device and dtype (CPU
+    fp32 when x_TD is None); None if the layer is missing."""
     try:
         from moe_train.config import MoEConfig
         from moe_train.moe.layer import MoELayer
@@ -83,6 +116,7 @@ def ours_step(tokens: int, d_model: int, d_ff: int, num_experts: int,
     if x_TD is None:
         x_TD = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(0),
                            requires_grad=True)
+    layer.to(x_TD.device, x_TD.dtype)
 
     def run(x: Tensor) -> Tensor:
         out = layer(x)
@@ -100,17 +134,18 @@ def time_ours_ms(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: i
 
 def experts_only_step(x_TD: Tensor, d_ff: int, num_experts: int, impl: str = "auto") -> Callable[[], None]:
     tokens, d_model = x_TD.shape
-    experts = GroupedExperts(num_experts, d_model, d_ff, "gelu", impl=impl)
+    experts = GroupedExperts(num_experts, d_model, d_ff, "gelu", impl=impl).to(x_TD.device, x_TD.dtype)
     counts_E = torch.full((num_experts,), tokens // num_experts, dtype=torch.int64)
     counts_E[: tokens % num_experts] += 1
-    return _fwd_bwd(experts, x_TD, lambda x: experts(x, counts_E).pow(2).mean())
+    counts_E = counts_E.to(x_TD.device)
+    return _fwd_bwd(experts, x_TD, lambda x: experts(x, counts_E).float().pow(2).mean())
 
 
 def dense_step(x_TD: Tensor, d_ff: int) -> Callable[[], None]:
     d_model = x_TD.shape[1]
     ffn = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(),
-                        nn.Linear(d_ff, d_model, bias=False))
-    return _fwd_bwd(ffn, x_TD, lambda x: ffn(x).pow(2).mean())
+                        nn.Linear(d_ff, d_model, bias=False)).to(x_TD.device, x_TD.dtype)
+    return _fwd_bwd(ffn, x_TD, lambda x: ffn(x).float().pow(2).mean())
 
 
 def init_single_process_gloo() -> None:
@@ -133,15 +168,20 @@ def deepspeed_step(x_TD: Tensor, d_ff: int, num_experts: int) -> Optional[Callab
     except ImportError as err:
         print(f"deepspeed: not available ({err})")
         return None
-    if get_accelerator().device_name() != "cpu":
-        raise RuntimeError(f"DeepSpeed accelerator is {get_accelerator().device_name()!r}, not cpu")
-    init_single_process_gloo()
+    if get_accelerator().device_name() != x_TD.device.type:
+        raise RuntimeError(f"DeepSpeed accelerator is {get_accelerator().device_name()!r}, "
+                           f"not {x_TD.device.type}")
+    if x_TD.device.type == "cuda":  # NCCL, through moe_train's one device/backend choice
+        from moe_train.parallel.init import init_distributed
+        init_distributed("cuda", "auto", always_group=True)
+    else:
+        init_single_process_gloo()
     d_model = x_TD.shape[1]
     expert = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.GELU(),
                            nn.Linear(d_ff, d_model, bias=False))
     moe = MoE(hidden_size=d_model, expert=expert, num_experts=num_experts, ep_size=1, k=1,
               capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
-              drop_tokens=True, use_rts=False)
+              drop_tokens=True, use_rts=False).to(x_TD.device, x_TD.dtype)
 
     def run(x: Tensor) -> Tensor:
         y, aux_loss, _ = moe(x)
@@ -158,14 +198,15 @@ def _deepspeed_version() -> str:
     return f"deepspeed {deepspeed.__version__} on accelerator {get_accelerator().device_name()!r}"
 
 
-def run_case(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: int) -> dict:
-    x_TD = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(0),
-                       requires_grad=True)
+def run_case(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: int,
+             device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> dict:
+    x_TD = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(0))
+    x_TD = x_TD.to(device, dtype).requires_grad_()
     steps = {"ours": ours_step(tokens, d_model, d_ff, num_experts, x_TD),
              "deepspeed": deepspeed_step(x_TD, d_ff, num_experts),
              "dense": dense_step(x_TD, d_ff),
              "experts_only": experts_only_step(x_TD, d_ff, num_experts)}
-    times = time_min_ms({k: v for k, v in steps.items() if v is not None}, reps)
+    times = time_min_ms({k: v for k, v in steps.items() if v is not None}, reps, device)
     row = {"num_experts": num_experts, "tokens": tokens, "d_model": d_model, "d_ff": d_ff}
     row.update({f"{name}_ms": times.get(name) for name in steps})
     return row
@@ -199,7 +240,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="'keep' (default, what moe_train's CPU training does): keep freed "
                              "memory in glibc's heap (moe_train.parallel.init.keep_freed_memory); "
                              "applies to every contender alike, they share the process")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: CUDA-event timing after a warm-up (see the module docstring)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="bf16: every contender with bf16 weights and inputs")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("SKIPPED: --device cuda, but no CUDA device is visible (torch.cuda.is_available() is "
+              "False); nothing was measured")
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype = DTYPES[args.dtype]
     if args.reps < 1:
         parser.error(f"--reps {args.reps}: must be >= 1")
     if args.threads is not None:
@@ -210,18 +261,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     bad = [i for i in indices if not 0 <= i < len(CASES)]
     if bad:
         parser.error(f"--cases {args.cases}: indices must be in 0..{len(CASES) - 1}")
+    where = "" if (args.device, args.dtype) == ("cpu", "fp32") else (
+        f", device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"{args.dtype} weights and inputs")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, "
-          f"malloc {args.malloc}, {_deepspeed_version()}")
+          f"malloc {args.malloc}, {_deepspeed_version()}{where}")
     rows = []
     for i in indices:
-        rows.append(run_case(*CASES[i], reps=args.reps))
+        rows.append(run_case(*CASES[i], reps=args.reps, device=device, dtype=dtype))
         print_table(rows[-1:])
     print("\nall cases (ms; ratios with targets in parentheses):")
     print_table(rows)
     if args.json:
+        report = {"cases": rows, "threads": torch.get_num_threads(), "reps": args.reps,
+                  "malloc": args.malloc}
+        if where:
+            report.update(device=args.device, dtype=args.dtype)
         with open(args.json, "w") as f:
-            json.dump({"cases": rows, "threads": torch.get_num_threads(), "reps": args.reps,
-                       "malloc": args.malloc}, f, indent=1)
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
