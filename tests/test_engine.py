@@ -129,3 +129,36 @@ def test_passthrough_keys_merge_when_they_do_not_conflict():
     ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["communication_data_type"] == "fp32" and ds["train_batch_size"] == 8
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_trains_with_the_single_process_grad_norm(tmp_path, reference, zero):
+    """bf16 on CPU (DeepSpeed's bf16 optimizer at ZeRO 0, ZeRO's bf16 path at 2), ep 2:
+    losses and the reported gradient norm track the fp32 single-process run to bf16
+    precision; a norm that averaged per-rank expert norms would be far off."""
+    cfg = make_cfg(tmp_path, parallel={"expert_parallel_size": 2, "zero_stage": zero},
+                   train={"dtype": "bf16"})
+    results = run_train(cfg, 2, fault="stop@4")  # the reference's LR schedule, 4 of its 10 steps
+    for r in results:  # step 1: same weights up to bf16 rounding; later steps drift apart slowly
+        assert r.grad_norms[1] == pytest.approx(reference.grad_norms[1], rel=1e-2)
+        for step in range(1, 5):
+            assert r.losses[step] == pytest.approx(reference.losses[step], rel=2e-2), step
+            assert r.grad_norms[step] == pytest.approx(reference.grad_norms[step], rel=1e-1), step
+
+
+def test_activation_checkpointing_through_the_engine_changes_nothing(tmp_path, reference):
+    cfg = make_cfg(tmp_path, parallel={"expert_parallel_size": 2, "zero_stage": 2},
+                   train={"activation_checkpointing": True})
+    for r in run_train(cfg, 2, fault="stop@4"):
+        for step in range(1, 5):
+            assert r.losses[step] == pytest.approx(reference.losses[step], rel=1e-4), step
+            assert r.grad_norms[step] == pytest.approx(reference.grad_norms[step], rel=1e-4), step
+
+
+def test_fp16_config_path_uses_dynamic_loss_scaling():
+    """fp16 is for GPUs; its DeepSpeed config (dynamic loss scale from 2^16) is derived here."""
+    from moe_train.config import deepspeed_config, load_config
+
+    ds = deepspeed_config(load_config("configs/tiny_moe.yaml", ["train.dtype=fp16"]), 2)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 16
+    assert not ds["bf16"]["enabled"]
