@@ -250,6 +250,7 @@ def main(argv: Optional[list[str]] = None) -> None:
               "False); nothing was measured")
         return
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    os.environ.setdefault("DS_ACCELERATOR", args.device)  # DeepSpeed reads it once, at import
     dtype = DTYPES[args.dtype]
     if args.reps < 1:
         parser.error(f"--reps {args.reps}: must be >= 1")

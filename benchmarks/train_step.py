@@ -55,12 +55,13 @@ import torch
 from moe_train.config import Config, load_config
 
 TINY_YAML = Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml"
-# Overrides on configs/tiny_moe.yaml. "medium": ~0.2-0.5 s a step on 2 CPU cores.
+# Overrides on configs/tiny_moe.yaml. "medium": ~0.4 s a step on 2 CPU cores, where the
+# matmuls dominate (tiny's 15 ms steps are mostly per-op overhead).
 CONFIGS = {
     "tiny": [],
     "medium": ["model.vocab_size=2048", "model.d_model=256", "model.num_layers=4", "model.num_heads=4",
                "model.d_ff=512", "model.max_seq_len=256", "moe.num_experts=8", "moe.top_k=2",
-               "moe.d_ff=256", "data.seq_len=256", "data.micro_batch_size=8"],
+               "moe.d_ff=256", "data.seq_len=256", "data.micro_batch_size=6"],
 }
 STEP_TARGET = 1.3  # max MoE step / dense step
 MEMORY_TOLERANCE = 0.10  # measured optimizer bytes within 10% of the analytic estimate
@@ -210,6 +211,7 @@ def time_config(name: str, args, device, groups) -> dict:
     times = time_interleaved(steppers, args.reps, args.warmup, device)
     tokens = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps
     row = {"config": name, "tokens_per_step": tokens, "flops_per_token": flops,
+           "zero_stage": cfg.parallel.zero_stage,
            "drop_frac": _drop_frac(steppers["moe"].out),
            "final_loss": {k: s.out.mean_lm for k, s in steppers.items()},
            "skipped_steps": {k: s.skipped for k, s in steppers.items()}}
@@ -379,7 +381,7 @@ def run_memory(names: list[str], dtype: str, timeout_s: float = 600) -> dict:
 def print_timing(rows: list[dict], peak: Optional[float], args) -> None:
     cf = "dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor}"
     print(f"\ntrain step (forward + backward + optimizer step), {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, MoE {cf}; MIN over {args.reps} reps after "
+          f"{torch.get_num_threads()} threads, ZeRO {rows[0]['zero_stage']} on one rank, MoE {cf}; MIN over {args.reps} reps after "
           f"{args.warmup} warm-up steps, MoE and dense interleaved (median in brackets)")
     print(f"{'config':>7} {'tok/step':>8} | {'GFLOP/tok MoE':>13} {'dense':>7} {'d/m':>6} | "
           f"{'MoE ms':>15} {'dense ms':>15} | {'MoE tok/s':>9} {'dense tok/s':>11} | "
@@ -474,6 +476,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("SKIPPED: --device cuda, but no CUDA device is visible (torch.cuda.is_available() is False); "
               "nothing was measured")
         return 0
+    # DeepSpeed picks its accelerator once, at import: on a GPU host --device cpu must say so.
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
     _quiet_deepspeed()
     print(f"torch {torch.__version__}, configs {', '.join(args.names)}, parts {', '.join(sorted(args.parts))}")
     rows, peak, mem = [], None, {}
