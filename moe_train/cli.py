@@ -128,11 +128,27 @@ def _check_data(cfg, world_size: int, tokens_per_step: int) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Exit codes: 0 finished; 85 stopped on a signal or time limit with a checkpoint
+    written (requeue); 2 bad config; 3 checkpoint unusable; 1 a failure (rank, step and
+    phase printed); 86 the watchdog ended a hung rank."""
+    import os
+
+    from moe_train.control import EXIT_REQUEUE, ignore_stop_signals
+    from moe_train.parallel.phase import failure_report
     from moe_train.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, resume=args.resume)
-    return 0
+    try:
+        result = train(cfg, resume=args.resume)
+    except (ValueError, CheckpointError):
+        raise
+    except Exception as err:  # a dead peer, a timeout, a bug: say where, exit non-zero now
+        sys.stderr.write(failure_report(err))
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)  # no atexit handlers: they may wait on peers that are gone
+    ignore_stop_signals()
+    return EXIT_REQUEUE if result.stopped else 0
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:

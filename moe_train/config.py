@@ -231,6 +231,8 @@ class TrainConfig:
     global_batch_size: Optional[int] = None
     activation_checkpointing: bool = False  # recompute each block in backward
     max_skipped_in_a_row: int = 5  # non-finite steps skipped in a row before the run stops
+    # Under Slurm: stop and checkpoint this many minutes before the job's time limit (0: off).
+    exit_before_time_limit_min: float = 0.0
 
     def validate(self) -> None:
         for name in ("grad_accum_steps", "max_steps", "max_skipped_in_a_row"):
@@ -239,6 +241,8 @@ class TrainConfig:
         for name in ("eval_every", "eval_steps"):
             if getattr(self, name) < 0:
                 _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+        if self.exit_before_time_limit_min < 0:
+            _fail("train.exit_before_time_limit_min", self.exit_before_time_limit_min, "must be >= 0 minutes")
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             _fail("train.global_batch_size", self.global_batch_size, "must be > 0 (or null)")
         _choice("train.dtype", self.dtype, DTYPES)

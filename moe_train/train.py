@@ -20,6 +20,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from moe_train import checkpoint as ckpt
 from moe_train.config import Config, check_vocab_fits, config_to_dict, validate
+from moe_train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
 from moe_train.engine import Engine, build_engine, set_lr
 from moe_train.metrics import (MetricsWriter, StepTimer, format_console_line, measure_peak_flops,
                                memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
@@ -39,25 +41,12 @@ from moe_train.moe.losses import total_loss
 from moe_train.parallel.grads import clip_grad_norm_
 from moe_train.parallel.groups import ParallelGroups, build_groups
 from moe_train.parallel.init import DistEnv, discover, init_distributed
+from moe_train.parallel.phase import PHASE, Watchdog
 from moe_train.parallel.topology import Topology
 from moe_train.schedule import lr_at
 
 log = logging.getLogger("moe_train.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class StopRequest:
-    """Set from anywhere (a signal handler); honoured by all ranks at the next step boundary."""
-
-    def __init__(self):
-        self.reason: Optional[str] = None
-
-    def request(self, reason: str = "requested") -> None:
-        self.reason = self.reason or reason
-
-    @property
-    def requested(self) -> bool:
-        return self.reason is not None
 
 
 @dataclass
@@ -169,6 +158,7 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
         batch = next(batches)
         digest = zlib.crc32(batch["input_ids"].numpy().tobytes(), digest)
         ds.set_gradient_accumulation_boundary(micro == gas - 1)
+        PHASE.enter(f"forward of micro-batch {micro + 1}/{gas}")
         out = ds(batch["input_ids"].to(device), batch["labels"].to(device))
         loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe)
         if _fault("nan_loss", step, rank):
@@ -179,11 +169,13 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
             packed = torch.stack([bad, torch.tensor(float(stop.requested), device=device),
                                   sums["lm_loss"].float()])
             if groups.dp is not None:
+                PHASE.enter("the per-step agreement all-reduce (loss finite? stop requested?)")
                 dist.all_reduce(packed, group=groups.dp)
             skip, want_stop = bool(packed[0] > 0), bool(packed[1] > 0)
             mean_lm = float(packed[2]) / groups.topology.world_size
             if skip:
                 loss = loss * float("nan")
+        PHASE.enter(f"backward of micro-batch {micro + 1}/{gas} (gradient reduction at the last)")
         ds.backward(loss)
         sums["loss"] += loss.detach() / gas
         sums["aux_loss"] += sum((a.detach() for a, _ in out.moe_losses), torch.zeros((), device=device)) / gas
@@ -192,11 +184,13 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
                          total_steps=cfg.train.max_steps, decay=cfg.optim.decay))
     grad_norm = None
     if engine.own_clipping:
+        PHASE.enter("gradient-norm all-reduce (clipping)")
         grad_norm = float(clip_grad_norm_(ds.module, cfg.optim.grad_clip, groups))
         if not math.isfinite(grad_norm):
             ds.zero_grad()  # ZeRO 0: gradients live in .grad; drop them, take no step
             return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm, digest)
     skipped_before = ds.skipped_steps
+    PHASE.enter("optimizer step (ZeRO gradient norm, update, parameter all-gather)")
     ds.step()
     skipped = skip or ds.skipped_steps > skipped_before
     if grad_norm is None:
@@ -354,6 +348,11 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
     stop = stop or StopRequest()
     env = discover()
     plan = validate(cfg, env.world_size)  # a bad config fails here, before any process group
+    PHASE.rank = env.rank
+    if threading.current_thread() is threading.main_thread():
+        install_stop_signals(stop, env.rank)
+    PHASE.enter("process-group start-up (rendezvous with every rank)")
+    watchdog = Watchdog(cfg.parallel.timeout_s).start()
     env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
                                    env=env, always_group=True)
     try:
@@ -366,6 +365,7 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
                         build_val_loader(cfg.data, rank, world) if cfg.train.eval_every else None)
         return _train(run, resume, stop, loaders, keep_state)
     finally:
+        watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -390,12 +390,18 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     result = TrainResult(final_step=state.step, skipped_steps=state.skipped_steps)
     batches = _endless(loader)
     in_a_row, last_saved = 0, None
+    limit = TimeLimit(slurm_job_end() if env.rank == 0 else None, cfg.train.exit_before_time_limit_min)
     try:
         run.timer.restart()
         while state.step < cfg.train.max_steps:
             state.step += 1
+            PHASE.enter("data loading", state.step)
             if _fault("stop", state.step, env.rank):  # as if a signal reached this rank now
                 stop.request("fault injection")
+            if _fault("hang", state.step, env.rank):  # as if this rank's peer never answered
+                time.sleep(10 ** 6)
+            if limit.due():
+                stop.request(f"Slurm time limit in {cfg.train.exit_before_time_limit_min} min")
             out = train_step(engine, batches, cfg, groups, device, state.step, stop)
             state.tokens_seen += run.plan.tokens_per_step
             run.timer.tick(run.plan.tokens_per_step)
@@ -414,8 +420,10 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
                                        f"checkpoint is {last_saved or 'none from this run'}")
             lr = engine.optimizer.param_groups[0]["lr"]
             if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
+                PHASE.enter("metrics all-reduce")
                 _log_step(run, state.step, out, lr, state)
             if val_loader is not None and state.step % cfg.train.eval_every == 0:
+                PHASE.enter("evaluation")
                 scores = evaluate(engine, val_loader, cfg, groups, device)
                 run.writer.scalars(state.step, scores)
                 run.print(f"eval step {state.step}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f}")
@@ -423,7 +431,13 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
             due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
             # A skipped step changed nothing, so the state is the last finite one: safe to save.
             if due or out.stop or state.step == cfg.train.max_steps:
-                last_saved = _save(run, engine, state, loader) or last_saved
+                PHASE.enter("checkpoint save")
+                saved = _save(run, engine, state, loader)
+                last_saved = saved or last_saved
+                if out.stop and saved is None:
+                    raise RuntimeError(f"stop requested ({stop.reason or 'another rank'}) but the "
+                                       f"checkpoint of step {state.step} failed; the last complete "
+                                       f"checkpoint is {last_saved or 'none from this run'}")
                 run.timer.restart()
             if out.stop:
                 run.print(f"stopping at step {state.step} on request ({stop.reason or 'another rank'})")

@@ -33,8 +33,10 @@ def test_topology_owns_every_expert_once_per_ep_group():
 
 @pytest.mark.parametrize("environ, expected", [
     ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1"}, (3, 4, 1, "n1", "torchrun")),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node7"},
-     (5, 8, 1, "node7", "slurm")),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node7",
+      "SLURM_STEP_ID": "0"}, (5, 8, 1, "node7", "slurm")),
+    # the batch shell (no srun step) is one process whatever SLURM_NTASKS says
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"}, (0, 1, 0, "127.0.0.1", "single")),
     ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
      (1, 2, 1, "127.0.0.1", "mpi")),
     ({}, (0, 1, 0, "127.0.0.1", "single")),
@@ -44,9 +46,27 @@ def test_discover_reads_each_launcher(environ, expected):
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == expected
 
 
+def test_discover_under_slurm_takes_the_first_host_of_the_nodelist_and_a_job_port():
+    seen = []
+
+    def hostnames(nodelist):
+        seen.append(nodelist)
+        return ["gpu-a7", "gpu-a8"]
+
+    env = discover({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+                    "SLURM_JOB_NODELIST": "gpu-a[7-8]", "SLURM_JOB_ID": "123456"}, hostnames=hostnames)
+    assert seen == ["gpu-a[7-8]"]
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
+        3, 4, 1, "gpu-a7", 20000 + 123456 % 20000, "slurm")
+
+
 def test_discover_rejects_inconsistent_environments():
-    with pytest.raises(ValueError, match="MASTER_ADDR is not set under Slurm"):
-        discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    with pytest.raises(ValueError, match="neither MASTER_ADDR nor SLURM_JOB_NODELIST"):
+        discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"})
+    with pytest.raises(ValueError, match="SLURM_PROCID is set but SLURM_NTASKS is not"):
+        discover({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0"})
+    with pytest.raises(ValueError, match="RANK is set but WORLD_SIZE is not"):
+        discover({"RANK": "1"})
     with pytest.raises(ValueError, match="rank 4 is outside world size 4"):
         discover({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):

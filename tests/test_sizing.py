@@ -122,8 +122,10 @@ def test_memory_estimate_by_hand():
         assert m.grads == 2 * (shard if stage == 2 else held)
         assert m.optimizer == 12 * (shard if stage >= 1 else held)  # fp32 master + m + v
         assert m.total == m.params + m.grads + m.optimizer + m.activations
+    fp32 = tiny_memory(dtype="fp32", zero_stage=0)
+    assert fp32.params == 4 * held and fp32.optimizer == 8 * held  # ZeRO 0: params are the master
     fp32 = tiny_memory(dtype="fp32", zero_stage=1)
-    assert fp32.params == 4 * held and fp32.optimizer == 8 * shard  # params are the master
+    assert fp32.optimizer == 12 * shard  # ZeRO 1/2 keep their own fp32 master partition
     # Activations per token (b = 2): attention 3D + 3K = 24 elements; dense MLP 2D + 2Fd = 24;
     # MoE 2D + k(2D + 2F) = 20 elements + 8E = 32 bytes; head 2D elements + V(2 + 4) bytes.
     dense_block, moe_block, head = (24 + 24) * 2, (24 + 20) * 2 + 32, 8 * 2 + 10 * 6

@@ -150,8 +150,9 @@ def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: i
       params     (N_d + N_x) * b
       grads      (N_d + N_x) * b;  ZeRO-2: (N_d / world + N_x / edp) * b
       optimizer  (N_d + N_x) * o;  ZeRO-1/2: (N_d / world + N_x / edp) * o, where
-                 o = 8 (Adam m, v in fp32) under fp32, whose params are the master, and
-                 o = 12 (fp32 master + m + v) under bf16/fp16
+                 o = 8 (Adam m, v in fp32) at ZeRO 0 in fp32, whose params are the master,
+                 and o = 12 (fp32 master + m + v) otherwise: ZeRO 1/2 keep their own fp32
+                 master partition even in fp32 (measured by benchmarks/train_step.py)
     Dense state partitions over all ``world`` ranks, expert state over the
     edp = world / ep ranks that hold the same experts; partitions round up.
     Activations, per micro-batch of T = B * S tokens, from the tensors each layer saves
@@ -173,7 +174,7 @@ def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: i
                          f"moe.num_experts ({moe_cfg.num_experts})")
     counts = param_counts(model_cfg, moe_cfg)
     b = DTYPE_BYTES[dtype]
-    opt_bytes = 8 if dtype == "fp32" else 12
+    opt_bytes = 8 if (dtype == "fp32" and zero_stage == 0) else 12
     n_dense, n_expert = counts.dense, counts.expert // ep_size
     edp = world_size // ep_size
     held = n_dense + n_expert

@@ -106,6 +106,9 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(p, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        for i, block in enumerate(self.blocks):  # names the layer's all-to-alls in hang reports
+            if block.is_moe:
+                block.mlp.dispatcher.label = f"MoE layer {i}"
 
     def forward(self, input_ids_BS: Tensor, labels_BS: Tensor | None = None) -> ModelOutput:
         S = input_ids_BS.shape[1]

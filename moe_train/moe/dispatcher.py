@@ -83,6 +83,7 @@ class Dispatcher:
         assert num_experts % ep_size == 0, "checked by MoELayer"
         self.num_experts, self.ep_size, self.ep_group = num_experts, ep_size, ep_group
         self.num_local = num_experts // ep_size
+        self.label = "MoE layer"  # the model names it ("MoE layer 3") for hang reports
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Dispatched:
         kept_N = routing.kept_order_N
@@ -93,10 +94,10 @@ class Dispatcher:
             return Dispatched(x_ND, routing.kept_per_expert_E, token_ids_N, gates_N)
 
         send_RL = routing.kept_per_expert_E.view(self.ep_size, self.num_local)
-        recv_RL = exchange_counts(send_RL, self.ep_group)
+        recv_RL = exchange_counts(send_RL, self.ep_group, f"{self.label} (token counts)")
         send_splits = send_RL.sum(dim=1).tolist()
         recv_splits = recv_RL.sum(dim=1).tolist()
-        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.ep_group)
+        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.ep_group, f"{self.label} (tokens to experts)")
         regroup_M = self._rank_major_to_expert_major(recv_RL)
         return Dispatched(x_MD.index_select(0, regroup_M), recv_RL.sum(dim=0), token_ids_N,
                           gates_N, send_splits, recv_splits, regroup_M)
@@ -106,7 +107,8 @@ class Dispatcher:
         whose every choice was dropped gets zeros (the residual carries it)."""
         if self.ep_size > 1:
             y_rank_major_MD = torch.empty_like(y_MD).index_copy(0, d.regroup_M, y_MD)
-            y_ND = all_to_all(y_rank_major_MD, d.recv_splits, d.send_splits, self.ep_group)
+            y_ND = all_to_all(y_rank_major_MD, d.recv_splits, d.send_splits, self.ep_group,
+                              f"{self.label} (expert outputs back)")
         else:
             y_ND = y_MD
         return _GatedScatterAdd.apply(y_ND, d.gates_N, d.token_ids_N, num_tokens)

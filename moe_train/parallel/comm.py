@@ -12,26 +12,32 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_train.parallel.phase import PHASE
+
 
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single along dim 0 with per-rank split sizes. The backward is the
     same exchange with the send and receive splits swapped."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group) -> Tensor:
-        ctx.group, ctx.send_splits, ctx.recv_splits = group, send_splits, recv_splits
+    def forward(ctx, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group, label: str) -> Tensor:
+        ctx.group, ctx.send_splits, ctx.recv_splits, ctx.label = group, send_splits, recv_splits, label
         out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
-        dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
-                               input_split_sizes=send_splits, group=group)
+        with PHASE(f"forward all-to-all of {label}"):
+            dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
+                                   input_split_sizes=send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_in = all_to_all(grad_out, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad_in, None, None, None
+        grad_in = _AllToAll.apply(grad_out, ctx.recv_splits, ctx.send_splits, ctx.group,
+                                  ctx.label.replace("(", "(backward of ", 1) if "(" in ctx.label
+                                  else f"{ctx.label} (backward)")
+        return grad_in, None, None, None, None
 
 
-def all_to_all(x_ND: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group) -> Tensor:
+def all_to_all(x_ND: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group,
+               label: str = "tokens") -> Tensor:
     """Sends ``send_splits[r]`` consecutive rows of ``x_ND`` to rank r of ``group`` and
     returns the rows received, ``recv_splits[r]`` from rank r, concatenated in rank order.
 
@@ -42,13 +48,14 @@ def all_to_all(x_ND: Tensor, send_splits: Sequence[int], recv_splits: Sequence[i
         x_ND: [sum(send_splits), ...] rows to send.
         send_splits, recv_splits: per-rank row counts (host ints).
         group: the process group (expert-parallel group).
+        label: what the exchange is, for the hang report ("MoE layer 3 (tokens)").
     Returns:
         [sum(recv_splits), ...] received rows; differentiable w.r.t. ``x_ND``.
     """
-    return _AllToAll.apply(x_ND, list(map(int, send_splits)), list(map(int, recv_splits)), group)
+    return _AllToAll.apply(x_ND, list(map(int, send_splits)), list(map(int, recv_splits)), group, label)
 
 
-def exchange_counts(send_counts_RE: Tensor, group) -> Tensor:
+def exchange_counts(send_counts_RE: Tensor, group, label: str = "token counts") -> Tensor:
     """Tells every rank how many rows it will receive, per local expert.
 
     Args:
@@ -58,7 +65,8 @@ def exchange_counts(send_counts_RE: Tensor, group) -> Tensor:
         int64 [R, E_local]: rows this rank receives from rank r for its local expert e.
     """
     recv_RE = torch.empty_like(send_counts_RE)
-    dist.all_to_all_single(recv_RE, send_counts_RE.contiguous(), group=group)
+    with PHASE(f"forward all-to-all of {label}"):
+        dist.all_to_all_single(recv_RE, send_counts_RE.contiguous(), group=group)
     return recv_RE
 
 

@@ -54,29 +54,69 @@ def _mpi_env(environ: Mapping[str, str]) -> Optional[tuple[int, int, int]]:
     return None
 
 
-def discover(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expands a Slurm node list (``n[1-3],gpu7``) with ``scontrol show hostnames``."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise ValueError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with `scontrol show "
+                         f"hostnames`: {err}; export MASTER_ADDR in the sbatch script") from None
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts:
+        raise ValueError(f"`scontrol show hostnames {nodelist}` failed ({out.stderr.strip()}); "
+                         f"export MASTER_ADDR in the sbatch script")
+    return hosts
+
+
+def _half_set(e: Mapping[str, str], pairs) -> None:
+    for a, b in pairs:
+        if (e.get(a) not in (None, "")) != (e.get(b) not in (None, "")):
+            have, missing = (a, b) if e.get(a) not in (None, "") else (b, a)
+            raise ValueError(f"{have} is set but {missing} is not: the launcher's environment is "
+                             f"half set; set both (or neither, for a single process)")
+
+
+def discover(environ: Optional[Mapping[str, str]] = None, hostnames=slurm_hostnames) -> DistEnv:
     """Reads rank, world size and rendezvous address from the launcher's environment
     (``os.environ`` by default). Raises ValueError naming the variable when it is
-    inconsistent."""
+    inconsistent.
+
+    Under Slurm (a task of an ``srun`` step: SLURM_STEP_ID is set; the batch shell alone
+    is not a step), MASTER_ADDR defaults to the first host of SLURM_JOB_NODELIST as
+    ``scontrol show hostnames`` expands it (never this host's name: several nodes may
+    share one, and a login node's is wrong) and MASTER_PORT to 20000 + job id % 20000,
+    so every task of a job computes the same address with no ssh and no hostfile.
+    """
     e = os.environ if environ is None else environ
-    port = _int_env(e, "MASTER_PORT") or 29500
+    _half_set(e, [("RANK", "WORLD_SIZE")])
+    port = _int_env(e, "MASTER_PORT")
     addr = e.get("MASTER_ADDR", "")
-    if _int_env(e, "RANK") is not None and _int_env(e, "WORLD_SIZE") is not None:
+    in_slurm_step = e.get("SLURM_STEP_ID", e.get("SLURM_STEPID")) not in (None, "")
+    if _int_env(e, "RANK") is not None:
         rank, world, source = _int_env(e, "RANK"), _int_env(e, "WORLD_SIZE"), "torchrun"
         local = _int_env(e, "LOCAL_RANK") or 0
-    elif _int_env(e, "SLURM_PROCID") is not None and _int_env(e, "SLURM_NTASKS") is not None:
+    elif in_slurm_step and (e.get("SLURM_PROCID") or e.get("SLURM_NTASKS")):
+        _half_set(e, [("SLURM_PROCID", "SLURM_NTASKS")])
         rank, world, source = _int_env(e, "SLURM_PROCID"), _int_env(e, "SLURM_NTASKS"), "slurm"
         local = _int_env(e, "SLURM_LOCALID") or 0
         if world > 1 and not addr:
-            raise ValueError("MASTER_ADDR is not set under Slurm: export it in the sbatch script "
-                             "from the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`")
+            nodelist = e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ValueError("under Slurm with SLURM_NTASKS > 1 but neither MASTER_ADDR nor "
+                                 "SLURM_JOB_NODELIST is set: export MASTER_ADDR in the sbatch script")
+            addr = hostnames(nodelist)[0]
+        if port is None and _int_env(e, "SLURM_JOB_ID") is not None:
+            port = 20000 + _int_env(e, "SLURM_JOB_ID") % 20000
     elif _mpi_env(e) is not None:
         (rank, world, local), source = _mpi_env(e), "mpi"
     else:
         rank, world, local, source = 0, 1, 0, "single"
-    if not 0 <= rank < world:
+    if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world size {world} (from the {source} environment)")
-    return DistEnv(rank, world, local, addr or "127.0.0.1", port, source)
+    return DistEnv(rank, world, local, addr or "127.0.0.1", port or 29500, source)
 
 
 def keep_freed_memory() -> bool:

@@ -1,0 +1,133 @@
+"""Stopping on signals, and dead peers that become errors: real processes, each rank
+started the way srun starts tasks (its own environment, no launcher in between), so the
+behaviour under test is the trainer's own."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_utils import free_port
+from moe_train import checkpoint as ckpt
+from moe_train.config import dump_config
+from moe_train.data.synthetic import write_synthetic_dataset
+from engine_harness import make_cfg
+
+STEP_LINE = re.compile(r"^step\s+(\d+)/\d+ \|.*\blm (\S+)", re.M)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_dataset(str(out), [240, 240], seq_len=16, vocab_size=512, val_counts=(9,))  # ids < 512
+    return str(out / "manifest.json")
+
+
+def start_ranks(tmp_path, shards, world, *, steps, extra=(), env_extra=None, resume="auto"):
+    cfg = make_cfg(tmp_path, data={"manifest": shards}, model={"vocab_size": 512},
+                   parallel={"expert_parallel_size": world, "zero_stage": 2, "timeout_s": 20},
+                   train={"max_steps": steps}, checkpoint={"every_steps": 10},
+                   logging={"every_steps": 1})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(cfg))
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **(env_extra or {}))
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "moe_train", "train", "--config", str(path),
+                                       "--resume", resume, *extra], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=tmp_path))
+    return procs
+
+
+def wait_for_step(tmp_path, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (tmp_path / "rank0.log").read_text()
+        done = [int(s) for s, _ in STEP_LINE.findall(text)]
+        if done and max(done) >= step:
+            return max(done)
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s:\n{text[-2000:]}")
+
+
+def finish(procs, timeout=120):
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append("hung")
+    return codes
+
+
+def test_sigusr1_on_one_rank_checkpoints_every_rank_and_exits_85(tmp_path, shards):
+    """SIGUSR1 to rank 1 only (then again, during the stop): both ranks finish the step,
+    write one complete checkpoint, exit 85 (requeue); --resume auto continues from it
+    and no step runs twice."""
+    procs = start_ranks(tmp_path, shards, 2, steps=100000)
+    seen = wait_for_step(tmp_path, 15)
+    procs[1].send_signal(signal.SIGUSR1)
+    time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR1)  # a second signal must not break the save
+    assert finish(procs) == [85, 85]
+    log0 = (tmp_path / "rank0.log").read_text()
+    stopped = int(re.search(r"stopping at step (\d+) on request", log0).group(1))
+    assert stopped >= seen
+    latest = ckpt.find_checkpoint(tmp_path / "ckpt", "auto")
+    assert latest.name == ckpt.step_dir_name(stopped) and ckpt.is_complete(latest)
+    # requeued: resume and run 5 more steps
+    for rank in range(2):
+        os.rename(tmp_path / f"rank{rank}.log", tmp_path / f"first{rank}.log")
+    procs = start_ranks(tmp_path, shards, 2, steps=stopped + 5)
+    assert finish(procs) == [0, 0]
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert f"at step {stopped}: weights, optimizer, RNG and data position" in log0
+    assert [int(s) for s, _ in STEP_LINE.findall(log0)] == list(range(stopped + 1, stopped + 6))
+
+
+def test_killed_rank_makes_the_survivor_fail_with_a_report_then_resume(tmp_path, shards):
+    """kill -9 of rank 1 mid-run: rank 0 exits non-zero within parallel.timeout_s (20 s)
+    plus a margin, naming its rank, step and phase with a Python stack; the last
+    checkpoint stays intact and --resume auto continues from it."""
+    procs = start_ranks(tmp_path, shards, 2, steps=100000)
+    wait_for_step(tmp_path, 25)
+    killed_at = time.monotonic()
+    procs[1].kill()
+    code = finish(procs[:1], timeout=60)[0]
+    elapsed = time.monotonic() - killed_at
+    procs[1].wait()
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert code not in (0, 85, "hung"), log0[-3000:]
+    assert elapsed < 20 + 30, elapsed
+    assert re.search(r"moe_train: (FAILED|HUNG) at rank 0, step \d+, in ", log0), log0[-3000:]
+    assert "Traceback" in log0 or "Thread" in log0  # the Python stack
+    last = ckpt.find_checkpoint(tmp_path / "ckpt", "auto")
+    assert last is not None and ckpt.is_complete(last)
+    step = ckpt.read_meta(last)["step"]
+    procs = start_ranks(tmp_path, shards, 2, steps=step + 3)
+    assert finish(procs) == [0, 0]
+    assert f"at step {step}: weights, optimizer" in (tmp_path / "rank0.log").read_text()
+
+
+def test_hung_peer_is_reported_by_the_watchdog_or_the_timeout(tmp_path, shards):
+    """Rank 1 stops answering (sleeps inside a step) without dying: rank 0 must not wait
+    forever; it exits non-zero within timeout_s plus a margin with its step and phase."""
+    procs = start_ranks(tmp_path, shards, 2, steps=100000, env_extra={"MOE_TRAIN_FAULT": "hang@12:1"})
+    start = time.monotonic()
+    code = finish(procs[:1], timeout=90)[0]
+    elapsed = time.monotonic() - start
+    procs[1].kill()
+    procs[1].wait()
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert code not in (0, 85, "hung"), log0[-3000:]
+    assert re.search(r"moe_train: (FAILED|HUNG) at rank 0, step 12, in ", log0), log0[-3000:]
+    assert elapsed < 90
