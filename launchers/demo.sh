@@ -30,12 +30,8 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
-args=(train --config configs/tiny_moe.yaml --set "data.manifest=$out/shards/manifest.json"
+args=(--config configs/tiny_moe.yaml --set "data.manifest=$out/shards/manifest.json"
       --set "checkpoint.dir=$out/checkpoints" --set "logging.dir=$out/runs" "${extra[@]}")
-case "${LAUNCHER:-deepspeed}" in
-  deepspeed) run deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module moe_train "${args[@]}" ;;
-  torchrun)  run torchrun --standalone --nproc_per_node "$nproc" -m moe_train "${args[@]}" ;;
-  mpirun)    run mpirun --allow-run-as-root --oversubscribe -n "$nproc" \
-                 -x OMP_NUM_THREADS -x PATH python -m moe_train "${args[@]}" ;;
-  *) echo "LAUNCHER=${LAUNCHER}: must be deepspeed, torchrun or mpirun" >&2; exit 2 ;;
-esac
+# moe_train.launch prints the launcher's exact command and forwards SIGTERM/SIGINT to
+# the trainers as a checkpoint-and-stop request (launchers/train.sh does the same).
+exec python -m moe_train.launch --launcher "${LAUNCHER:-deepspeed}" --nproc "$nproc" -- "${args[@]}"

@@ -131,3 +131,33 @@ def test_hung_peer_is_reported_by_the_watchdog_or_the_timeout(tmp_path, shards):
     assert code not in (0, 85, "hung"), log0[-3000:]
     assert re.search(r"moe_train: (FAILED|HUNG) at rank 0, step 12, in ", log0), log0[-3000:]
     assert elapsed < 90
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_local_launcher_reaches_the_trainers_as_a_checkpoint(tmp_path, shards, launcher):
+    """SIGTERM to launchers/train.sh (what a scheduler or Ctrl-C sends): the wrapper turns
+    it into SIGUSR1 for the trainers only, both ranks checkpoint the same step and stop;
+    the launcher is not left to kill them mid-save."""
+    cfg = make_cfg(tmp_path, data={"manifest": shards}, model={"vocab_size": 512},
+                   parallel={"expert_parallel_size": 2, "zero_stage": 2},
+                   train={"max_steps": 100000}, logging={"every_steps": 1})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_config(cfg))
+    env = dict(os.environ, LAUNCHER=launcher, NPROC="2", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(k, None)
+    log = open(tmp_path / "rank0.log", "w")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(["bash", str(repo / "launchers" / "train.sh"), "--config", str(path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    wait_for_step(tmp_path, 10, timeout=180)
+    proc.send_signal(signal.SIGTERM)
+    code = finish([proc], timeout=120)[0]
+    text = (tmp_path / "rank0.log").read_text()
+    assert "[launch] SIGTERM: sending SIGUSR1 to trainers" in text
+    stopped = int(re.search(r"stopping at step (\d+) on request", text).group(1))
+    latest = ckpt.find_checkpoint(tmp_path / "ckpt", "auto")
+    assert latest.name == ckpt.step_dir_name(stopped) and ckpt.is_complete(latest)
+    assert code != "hung"
+    if launcher == "deepspeed":
+        assert code == 85  # the deepspeed launcher passes the trainers' exit code on
