@@ -414,10 +414,6 @@ def print_memory(mem: dict, dtype: str) -> None:
             ok = abs(ratio - 1) <= MEMORY_TOLERANCE
             print(f"{name:>7} {stage:>4} | {m['adam_state']:13d} {m['fp32_master']:11d} {m['total']:10d} | "
                   f"{m['analytic']:10d} | {ratio:13.4f} {'1 +- 0.10':>11}  {'ok' if ok else 'MISS'}")
-    if dtype == "fp32" and any(m["fp32_master"] for st in mem.values() for s, m in st.items() if s != "0"):
-        print("note: sizing.memory_estimate counts 8 B per parameter (Adam m, v) under fp32, taking the "
-              "fp32 parameters as the master; DeepSpeed ZeRO 1/2 also keeps an fp32 master partition "
-              "(single_partition_of_fp32_groups, a copy) in fp32, so it holds 12 B (ratio 1.5)")
 
 
 def json_report(rows: list[dict], mem: dict, args, names: list[str]) -> dict:
