@@ -123,11 +123,14 @@ def _endless(loader) -> Iterator[dict]:
         yield from loader
 
 
-def startup_report(cfg: Config, topo: Topology, engine: Engine, device, resumed: Optional[Path]) -> str:
+def startup_report(cfg: Config, env: DistEnv, topo: Topology, engine: Engine, device,
+                   resumed: Optional[Path]) -> str:
     from moe_train.model.sizing import human_count, param_counts
 
     counts = param_counts(cfg.model, cfg.moe)
-    lines = ["# topology", *topo.describe(),
+    lines = [f"# launch: ranks from the {env.source} environment; rendezvous "
+             f"{os.environ.get('MASTER_ADDR', env.master_addr)}:{os.environ.get('MASTER_PORT', env.master_port)}",
+             "# topology", *topo.describe(),
              f"device {device}, backend {dist.get_backend() if dist.is_initialized() else 'none'}, "
              f"dtype {cfg.train.dtype}, ZeRO stage {cfg.parallel.zero_stage}",
              "# parameters",
@@ -384,7 +387,7 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     seed_everything(cfg.train.seed, env.rank)
     if path is not None:
         _restore(run, path, engine, loader, state)
-    run.print(startup_report(cfg, groups.topology, engine, device, path))
+    run.print(startup_report(cfg, env, groups.topology, engine, device, path))
     run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
     run.writer.text("config", "```\n" + _yaml(cfg) + "\n```", state.step)
     result = TrainResult(final_step=state.step, skipped_steps=state.skipped_steps)
