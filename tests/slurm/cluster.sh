@@ -73,12 +73,6 @@ ensure_hosts() {
   done
 }
 
-proctrack_plugin() {
-  # proctrack/cgroup needs a mounted cgroup hierarchy Slurm can use; linuxproc (process
-  # tree) works everywhere, including containers.
-  echo "proctrack/linuxproc"
-}
-
 write_config() {
   local auth="$1" ctld_host
   ctld_host="$(hostname -s 2>/dev/null || hostname)"
@@ -112,7 +106,8 @@ SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
 MpiDefault=none
-ProctrackType=$(proctrack_plugin)
+# process-tree tracking: works in containers too (proctrack/cgroup needs a usable cgroup mount)
+ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
