@@ -40,12 +40,16 @@ class Phase:
         self.step = 0
         self.label = "start-up"
         self.since = time.monotonic()
-        self.watched = False  # the watchdog only judges phases entered while watched
+        # The watchdog judges phases only once the loop has started (the first phase entered
+        # with a step number): start-up may legitimately take long (DeepSpeed compiles an op
+        # on first use) and its rendezvous has its own timeout.
+        self.watched = False
 
     def enter(self, label: str, step: Optional[int] = None) -> None:
         self.label, self.since = label, time.monotonic()
         if step is not None:
             self.step = step
+            self.watched = True
 
     @contextlib.contextmanager
     def __call__(self, label: str):
@@ -87,7 +91,6 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="moe_train-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
-        PHASE.watched = True
         self._thread.start()
         return self
 
