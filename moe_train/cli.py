@@ -59,17 +59,32 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _causality_line(moe) -> str:
     """MOE_REFERENCE.md, Causality: a decoder's routing must not let later tokens of a
-    sequence change earlier tokens' outputs."""
-    if moe.capacity_factor is None:
-        return "routing is causal (dropless)"
+    sequence change earlier tokens' outputs. Training and evaluation have their own
+    capacity factor, so each is judged; scores, the selection bias (fixed during a
+    forward), groups and the shared expert act per token and never break causality."""
+    train, evaluation = (_causality(moe, moe.capacity_factor), _causality(moe, moe.eval_capacity_factor))
+    if train == evaluation:
+        return (f"routing is causal ({train})" if train.startswith(("dropless", "position"))
+                else f"WARNING: routing is NOT causal in training and evaluation: {train}")
+    parts = [f"{name}: " + (f"causal ({why})" if why.startswith(("dropless", "position")) else f"NOT causal: {why}")
+             for name, why in (("training", train), ("evaluation", evaluation))]
+    flag = "WARNING: " if any("NOT" in p for p in parts) else ""
+    return f"{flag}routing {'; '.join(parts)}"
+
+
+def _causality(moe, capacity_factor) -> str:
+    """Why routing with this capacity factor is causal (starts with 'dropless' or
+    'position') or not (anything else)."""
+    if capacity_factor is None:
+        return "dropless"
     if moe.drop_policy == "probs":
-        return ("WARNING: routing is NOT causal: drop_policy 'probs' with a finite capacity lets "
-                "a later token with a higher router prob evict an earlier one")
+        return ("drop_policy 'probs' with a finite capacity lets a later token with a higher "
+                "router prob evict an earlier one")
     if moe.top_k > 1:
-        return ("WARNING: routing is NOT causal: with top_k > 1 the position policy places every "
-                "first choice before any second choice, so a later token can evict an earlier "
-                "token's second choice")
-    return "routing is causal (position drop policy, top-1)"
+        return ("with top_k > 1 and a finite capacity the position policy places every first "
+                "choice before any second choice, so a later token can evict an earlier token's "
+                "second choice")
+    return "position drop policy, top-1"
 
 
 def _model_size_lines(cfg) -> list[str]:
@@ -78,11 +93,14 @@ def _model_size_lines(cfg) -> list[str]:
     n = param_counts(cfg.model, cfg.moe)
     flops = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
     moe_blocks = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
+    shared = (f", shared experts {human_count(n.shared)} (d_ff {cfg.moe.shared_d_ff}, "
+              f"gate {cfg.moe.shared_gate}; dense)" if n.shared else "")
     return [f"parameters: total {human_count(n.total)} ({n.total:,}), expert {human_count(n.expert)}, "
             f"dense {human_count(n.dense)} (embeddings {human_count(n.embedding)}, "
-            f"routers {human_count(n.router)})",
+            f"routers {human_count(n.router)}{shared})",
             f"active per token: {human_count(n.active_per_token)} ({n.active_per_token:,}; "
-            f"dense + top-{cfg.moe.top_k} experts per MoE block, embeddings included)",
+            f"dense + top-{cfg.moe.top_k} experts per MoE block"
+            f"{' + the shared expert' if n.shared else ''}, embeddings included)",
             f"MoE blocks: {len(moe_blocks)} of {cfg.model.num_layers} ({_index_list(moe_blocks)})",
             f"training FLOPs per token: {flops:.4g} (3 x forward, seq_len {cfg.data.seq_len})"]
 
@@ -133,13 +151,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     phase printed); 86 the watchdog ended a hung rank."""
     import os
 
-    from moe_train.control import EXIT_REQUEUE, ignore_stop_signals
+    from moe_train.control import EARLY_STOP, EXIT_REQUEUE, ignore_stop_signals
     from moe_train.parallel.phase import failure_report
     from moe_train.train import train
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, stop=EARLY_STOP)
     except (ValueError, CheckpointError):
         raise
     except Exception as err:  # a dead peer, a timeout, a bug: say where, exit non-zero now

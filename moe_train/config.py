@@ -30,6 +30,10 @@ DROP_POLICIES = ("position", "probs")
 BALANCE_SCOPES = ("local", "global")
 DTYPES = ("fp32", "bf16", "fp16")
 EXPERT_IMPLS = ("auto", "grouped_mm", "bmm")  # moe_train.moe.experts.IMPLS
+SCORE_FUNCS = ("softmax", "sigmoid")
+SHARED_GATES = ("none", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
+DISPATCH_MODES = ("per_assignment", "once_per_rank")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -132,6 +136,23 @@ class MoEConfig:
     balance_scope: str = "local"
     expert_impl: str = "auto"
     seed: int = 1234  # expert weights are seeded by (seed, global expert id)
+    # Scores, gates and scale (MOE_REFERENCE.md "Score functions, gates and scale").
+    score_func: str = "softmax"  # or sigmoid (DeepSeek-V3)
+    route_scale: float = 1.0  # multiplies the gates after normalize_topk (DeepSeek-V3: 2.5)
+    # Shared experts: one dense FFN of this width beside the routed ones (0 = none).
+    shared_d_ff: int = 0
+    shared_gate: str = "none"  # none (DeepSeek) or sigmoid: one fp32 scalar per token (Qwen)
+    # Selection bias (auxiliary-loss-free balancing): rate u of the per-step sign update.
+    bias_update_rate: float = 0.0  # 0 = off; DeepSeek-V3 1e-3
+    bias_freeze_step: Optional[int] = None  # no bias update after this optimizer step
+    seq_balance_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (1e-4)
+    # Group-limited routing: each token picks among the experts of its best groups.
+    num_groups: int = 1  # 1 = off
+    groups_per_token: int = 1
+    group_score: str = "top2_sum"  # or max (DeepSeek-V2)
+    # per_assignment: one row per kept assignment in the all-to-all; once_per_rank: one
+    # row per (token, destination rank), expanded there (k > 1 with ep > 1 only).
+    dispatch: str = "per_assignment"
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -156,6 +177,46 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 _fail(f"moe.{name}", getattr(self, name), "must be >= 0")
+        self._validate_routing_options()
+
+    def _validate_routing_options(self) -> None:
+        """Score function, shared experts, selection bias, groups, dispatch."""
+        _choice("moe.score_func", self.score_func, SCORE_FUNCS)
+        _choice("moe.shared_gate", self.shared_gate, SHARED_GATES)
+        _choice("moe.group_score", self.group_score, GROUP_SCORES)
+        _choice("moe.dispatch", self.dispatch, DISPATCH_MODES)
+        if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
+            _fail("moe.route_scale", self.route_scale, "must be > 0")
+        if self.shared_d_ff < 0:
+            _fail("moe.shared_d_ff", self.shared_d_ff, "must be >= 0 (0 = no shared expert)")
+        if self.shared_gate != "none" and self.shared_d_ff == 0:
+            _fail("moe.shared_gate", self.shared_gate, "needs a shared expert (moe.shared_d_ff > 0)")
+        for name in ("bias_update_rate", "seq_balance_coef"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                _fail(f"moe.{name}", value, "must be >= 0")
+        if self.bias_freeze_step is not None and self.bias_freeze_step < 0:
+            _fail("moe.bias_freeze_step", self.bias_freeze_step, "must be >= 0, or null (never frozen)")
+        E, G, M = self.num_experts, self.num_groups, self.groups_per_token
+        if G < 1 or E % G:
+            _fail("moe.num_groups", G, f"must be >= 1 and divide moe.num_experts ({E})")
+        if M < 1:
+            _fail("moe.groups_per_token", M, "must be >= 1")
+        if M > G:
+            _fail("moe.groups_per_token", M, f"must be <= moe.num_groups ({G})")
+        if M * (E // G) < self.top_k:
+            _fail("moe.groups_per_token", M,
+                  f"keeps {M} x {E // G} = {M * (E // G)} experts per token (moe.num_experts / "
+                  f"moe.num_groups = {E // G} per group), fewer than moe.top_k ({self.top_k})")
+        if G > 1 and self.group_score == "top2_sum" and E // G < 2:
+            _fail("moe.group_score", self.group_score,
+                  f"needs at least 2 experts per group (moe.num_experts / moe.num_groups = {E // G}); "
+                  f"use max")
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the routers hold a selection bias (``expert_bias``)."""
+        return self.bias_update_rate > 0
 
     @property
     def renormalize(self) -> bool:
@@ -233,6 +294,9 @@ class TrainConfig:
     max_skipped_in_a_row: int = 5  # non-finite steps skipped in a row before the run stops
     # Under Slurm: stop and checkpoint this many minutes before the job's time limit (0: off).
     exit_before_time_limit_min: float = 0.0
+    # A routing alarm (logging.dead_expert_steps, logging.max_drop_frac) stops the run
+    # with a checkpoint and an error naming the layer and experts.
+    stop_on_routing_alarm: bool = False
 
     def validate(self) -> None:
         for name in ("grad_accum_steps", "max_steps", "max_skipped_in_a_row"):
@@ -271,10 +335,19 @@ class LoggingConfig:
     # FLOP/s per rank that perf/mfu divides by; null: a datasheet value on known GPUs,
     # else measured once at start-up (a matmul benchmark, the CPU's achievable peak).
     peak_flops: Optional[float] = None
+    # Routing alarms, checked on log steps: an expert that received no token (any rank,
+    # any micro-batch) for this many steps (0: off) ...
+    dead_expert_steps: int = 100
+    # ... or a drop fraction over the last log window above this (null: off).
+    max_drop_frac: Optional[float] = 0.5
 
     def validate(self) -> None:
         if self.every_steps <= 0:
             _fail("logging.every_steps", self.every_steps, "must be > 0")
+        if self.dead_expert_steps < 0:
+            _fail("logging.dead_expert_steps", self.dead_expert_steps, "must be >= 0 (0: no alarm)")
+        if self.max_drop_frac is not None and not 0 <= self.max_drop_frac < 1:
+            _fail("logging.max_drop_frac", self.max_drop_frac, "must be in [0, 1), or null (no alarm)")
         if self.peak_flops is not None and not self.peak_flops > 0:
             _fail("logging.peak_flops", self.peak_flops, "must be > 0 FLOP/s (or null)")
 

@@ -16,6 +16,10 @@ Tags are slash-namespaced, with units in the name where a value has one:
   moe/layer_{i}/...          ``moe_metrics``: five scalars and one histogram per MoE
                              layer, whatever the number of experts (bounded cardinality)
   moe/mean/...               the same, averaged over MoE layers
+  moe/layer_{i}/maxvio, dead_experts_window, max_idle_steps, bias_min, bias_max,
+  window_drop_frac, train/routing_alarms
+                             ``RoutingMonitor``: routing health over whole steps
+                             (every micro-batch, every rank) and alarms
 
 Shape legend: E experts (global), L MoE layers.
 """
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_train.moe.balance import maxvio, moe_layers
 from moe_train.moe.stats import MoEStats
 
 PEAK_FLOPS_ENV = "MOE_TRAIN_PEAK_FLOPS"
@@ -135,6 +140,8 @@ def moe_metrics(stats: list[MoEStats], layer_ids: list[int],
           moe/layer_{i}/dead_experts    experts with no token routed to them globally
           moe/layer_{i}/drop_frac       global dropped / global assignments (K * T)
           moe/layer_{i}/router_entropy  router entropy, mean over ranks (nats)
+          moe/layer_{i}/seq_loss        sequence-wise balance loss, mean over ranks
+                                        (only when moe.seq_balance_coef > 0)
           moe/mean/load_cv, moe/mean/drop_frac   means over the MoE layers
         Histograms: moe/layer_{i}/expert_load -> global routed counts, float [E]
         (give it to ``MetricsWriter.histogram``). Both empty when ``stats`` is.
@@ -148,10 +155,12 @@ def moe_metrics(stats: list[MoEStats], layer_ids: list[int],
     parts = []
     for s in stats:
         parts.append(s.routed_per_expert_E.detach().to(device, torch.float64).reshape(-1))
+        seq_loss = s.seq_loss if s.seq_loss is not None else torch.zeros(())
         parts.append(torch.stack([
             s.kept_per_expert_E.detach().sum().to(device, torch.float64),
             torch.tensor(float(s.num_assignments), dtype=torch.float64, device=device),
             s.router_entropy.detach().to(device, torch.float64).reshape(()),
+            seq_loss.detach().to(device, torch.float64).reshape(()),
         ]))
     parts.append(torch.ones(1, dtype=torch.float64, device=device))
     packed = torch.cat(parts)
@@ -164,8 +173,8 @@ def moe_metrics(stats: list[MoEStats], layer_ids: list[int],
     for s, i in zip(stats, layer_ids):
         num_experts = s.routed_per_expert_E.numel()
         routed_E = packed[offset:offset + num_experts]
-        kept, assignments, entropy_sum = packed[offset + num_experts:offset + num_experts + 3]
-        offset += num_experts + 3
+        kept, assignments, entropy_sum, seq_sum = packed[offset + num_experts:offset + num_experts + 4]
+        offset += num_experts + 4
         mean = routed_E.mean().clamp_min(1e-9)
         layer_values = {
             "load_cv": routed_E.std(unbiased=False) / mean,
@@ -174,6 +183,8 @@ def moe_metrics(stats: list[MoEStats], layer_ids: list[int],
             "max_load": routed_E.max() / mean,
             "dead_experts": (routed_E == 0).sum().to(torch.float64),
         }
+        if s.seq_loss is not None and bool(s.seq_loss.ne(0)):  # only when the loss is on
+            layer_values["seq_loss"] = seq_sum / num_ranks
         for key, value in layer_values.items():
             names.append(f"moe/layer_{i}/{key}")
             values.append(value)
@@ -184,6 +195,95 @@ def moe_metrics(stats: list[MoEStats], layer_ids: list[int],
         values.append(torch.stack(per_layer).mean())
     host = torch.stack(values).tolist()  # the one device-to-host sync
     return dict(zip(names, host)), hists
+
+
+class RoutingMonitor:
+    """Routing health over whole optimizer steps, and the alarms (MOE_REFERENCE.md,
+    "Selection bias"; issue "Routing beyond the peers").
+
+    Reads the layers' ``RoutingTally`` (every training micro-batch of a step, this
+    rank), which ``moe_train.moe.balance.update_selection_biases`` closes after every
+    step. ``check`` is a collective on log steps only: one float64 all-reduce SUM
+    (counts, drops) and one MIN (idle streaks), whatever the number of layers.
+
+    Args:
+        model: the model (``engine.module``).
+        layer_ids: block index of each MoE layer, in order.
+        dead_expert_steps: ``logging.dead_expert_steps`` (0: no dead-expert alarm).
+        max_drop_frac: ``logging.max_drop_frac`` (None: no drop alarm).
+    Attributes:
+        num_alarms: alarms raised so far (``train/routing_alarms``).
+        alarms: the alarm lines of the last ``check``.
+    """
+
+    def __init__(self, model, layer_ids: list[int], dead_expert_steps: int, max_drop_frac: Optional[float]):
+        self.layers = moe_layers(model)
+        assert len(self.layers) == len(layer_ids), (len(self.layers), layer_ids)
+        self.layer_ids, self.dead_expert_steps, self.max_drop_frac = layer_ids, dead_expert_steps, max_drop_frac
+        self.num_alarms, self.alarms = 0, []
+
+    def check(self, group=None) -> dict[str, float]:
+        """Scalars per MoE layer i, reduced over ``group`` (all ranks must call it):
+
+          moe/layer_{i}/maxvio              (max c - mean c) / mean c of the last step's
+                                            counts c (all micro-batches, all ranks)
+          moe/layer_{i}/dead_experts_window experts no rank routed a token to in the last
+                                            ``dead_expert_steps`` steps (with that > 0)
+          moe/layer_{i}/max_idle_steps      the longest such streak so far (steps)
+          moe/layer_{i}/window_drop_frac    dropped / assignments since the last check
+          moe/layer_{i}/bias_min, bias_max  the selection bias (when on)
+          moe/mean/maxvio                   mean over the layers
+          train/routing_alarms              alarms so far
+        Sets ``alarms`` (one line per layer and reason) and counts them.
+        """
+        if not self.layers:
+            return {}
+        device = self.layers[0].router.w_DE.device
+        sums, idles = [], []
+        for layer in self.layers:
+            tally = layer.tally
+            tally.step_counts(device)  # allocates the tally's tensors if no step has run yet
+            last_E = tally.last_routed_E
+            dropped, assignments = tally.take_window()
+            sums += [last_E.to(device, torch.float64), torch.stack([dropped, assignments]).to(device, torch.float64)]
+            idles.append(tally.idle_steps_E.to(device, torch.float64))
+        packed, idle_min = torch.cat(sums), torch.cat(idles)
+        if group is not None:  # counts add up over ranks; an expert idles globally as
+            # long as its shortest per-rank streak
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(idle_min, op=dist.ReduceOp.MIN, group=group)
+        return self._summarise(packed, idle_min)
+
+    def _summarise(self, packed: Tensor, idle_min: Tensor) -> dict[str, float]:
+        values, self.alarms = {}, []
+        offset = idle_offset = 0
+        for layer, i in zip(self.layers, self.layer_ids):
+            E = layer.tally.num_experts
+            counts_E = packed[offset:offset + E]
+            dropped, assignments = packed[offset + E:offset + E + 2].tolist()
+            idle_E = idle_min[idle_offset:idle_offset + E]
+            offset, idle_offset = offset + E + 2, idle_offset + E
+            values[f"moe/layer_{i}/maxvio"] = float(maxvio(counts_E))
+            values[f"moe/layer_{i}/max_idle_steps"] = float(idle_E.max())
+            values[f"moe/layer_{i}/window_drop_frac"] = dropped / max(assignments, 1.0)
+            if self.dead_expert_steps:
+                dead = (idle_E >= self.dead_expert_steps).nonzero().flatten().tolist()
+                values[f"moe/layer_{i}/dead_experts_window"] = float(len(dead))
+                if dead:
+                    self.alarms.append(f"MoE layer {i}: experts {dead} received no token for "
+                                       f">= {self.dead_expert_steps} steps (logging.dead_expert_steps)")
+            frac = values[f"moe/layer_{i}/window_drop_frac"]
+            if self.max_drop_frac is not None and assignments > 0 and frac > self.max_drop_frac:
+                self.alarms.append(f"MoE layer {i}: drop fraction {frac:.3f} over the last log window "
+                                   f"is above logging.max_drop_frac = {self.max_drop_frac}")
+            bias = layer.router.expert_bias
+            if bias is not None:
+                values[f"moe/layer_{i}/bias_min"] = float(bias.min())
+                values[f"moe/layer_{i}/bias_max"] = float(bias.max())
+        values["moe/mean/maxvio"] = sum(values[f"moe/layer_{i}/maxvio"] for i in self.layer_ids) / len(self.layer_ids)
+        self.num_alarms += len(self.alarms)
+        values["train/routing_alarms"] = float(self.num_alarms)
+        return values
 
 
 def reduce_mean(values: dict[str, Union[Tensor, float]], group=None) -> dict[str, float]:

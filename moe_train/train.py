@@ -35,8 +35,9 @@ from moe_train import checkpoint as ckpt
 from moe_train.config import Config, check_vocab_fits, config_to_dict, validate
 from moe_train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
 from moe_train.engine import Engine, build_engine, set_lr
-from moe_train.metrics import (MetricsWriter, StepTimer, format_console_line, measure_peak_flops,
-                               memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
+from moe_train.metrics import (MetricsWriter, RoutingMonitor, StepTimer, format_console_line,
+                               measure_peak_flops, memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
+from moe_train.moe.balance import update_selection_biases
 from moe_train.moe.losses import total_loss
 from moe_train.parallel.grads import clip_grad_norm_
 from moe_train.parallel.groups import ParallelGroups, build_groups
@@ -163,7 +164,7 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: Par
         ds.set_gradient_accumulation_boundary(micro == gas - 1)
         PHASE.enter(f"forward of micro-batch {micro + 1}/{gas}")
         out = ds(batch["input_ids"].to(device), batch["labels"].to(device))
-        loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe)
+        loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe, out.moe_seq_losses)  # [routing] + seq loss
         if _fault("nan_loss", step, rank):
             loss = loss * float("nan")
         bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
@@ -276,6 +277,9 @@ def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: ckpt.TrainSt
             values["perf/mfu"] = achieved / run.peak_flops
     values[memory_tag(run.device)] = peak_memory_bytes(run.device)
     values.update(moe_scalars)
+    values.update(run.routing.check(run.groups.dp))  # [routing] health + alarms (a collective)
+    for line in run.routing.alarms:
+        run.print(f"ROUTING ALARM step {step}: {line}")
     run.writer.scalars(step, values)
     for tag, counts in hists.items():
         run.writer.histogram(tag, counts, step)
@@ -381,6 +385,8 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
         ckpt.check_compatible(ckpt.read_meta(path), config_to_dict(cfg), path)
         ckpt.load_model_weights(path, model, groups.topology, env.rank)
     engine = build_engine(cfg, model, groups)
+    run.routing = RoutingMonitor(engine.module, run.layer_ids, cfg.logging.dead_expert_steps,
+                                 cfg.logging.max_drop_frac)  # [routing]
     loader, val_loader = loaders(env.rank, env.world_size)
     check_vocab_fits(cfg, loader.manifest["vocab_size"])
     state = ckpt.TrainState()
@@ -413,6 +419,8 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
             result.losses[state.step] = float("nan") if out.skipped else out.mean_lm
             result.grad_norms[state.step] = out.grad_norm
             result.batch_digests[state.step] = out.digest
+            # [routing] selection-bias update (applied steps only) and routing tallies, every step
+            update_selection_biases(engine.module, groups.dp, applied=not out.skipped, step=state.step)
             if out.skipped:
                 run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
                           f"({in_a_row} in a row, {state.skipped_steps} in all)")
@@ -425,6 +433,10 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
             if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
                 PHASE.enter("metrics all-reduce")
                 _log_step(run, state.step, out, lr, state)
+                if run.routing.alarms and cfg.train.stop_on_routing_alarm:  # [routing] every rank agrees
+                    saved = _save(run, engine, state, loader)
+                    raise RuntimeError(f"step {state.step}: routing alarm (train.stop_on_routing_alarm): "
+                                       f"{'; '.join(run.routing.alarms)}; checkpoint {saved or 'NOT written'}")
             if val_loader is not None and state.step % cfg.train.eval_every == 0:
                 PHASE.enter("evaluation")
                 scores = evaluate(engine, val_loader, cfg, groups, device)

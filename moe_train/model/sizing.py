@@ -24,12 +24,15 @@ class ParamCounts:
     Attributes:
         total: dense + expert; equals ``sum(p.numel() for p in model.parameters())``.
         dense: every non-expert parameter: embeddings, norms, attention, dense MLPs,
-            routers (replicated on every rank).
+            routers, shared experts (replicated on every rank).
         expert: the routed experts of all MoE blocks (E per block).
         router: the routers' [D, E] weights (included in ``dense``).
         embedding: token table + learned position table + untied head (in ``dense``).
         active_per_token: the parameters in one token's forward path: dense (embedding
-            table and head included) + k experts per MoE block. The "N" of 6N.
+            table, head and shared experts included) + k experts per MoE block. The "N"
+            of 6N.
+        shared: the shared experts of all MoE blocks, a*D*Fs each, + D per sigmoid gate
+            (included in ``dense``).
     """
 
     total: int
@@ -38,6 +41,7 @@ class ParamCounts:
     router: int
     embedding: int
     active_per_token: int
+    shared: int = 0
 
 
 def _mlp_mult(activation: str) -> int:
@@ -56,7 +60,8 @@ def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParamCounts:
 
     Per block: norms (2D LayerNorm weight+bias, D RMSNorm, twice), attention
     D(H + 2G)K + D^2, and either a dense MLP a*D*Fd or a router D*E plus E experts of
-    a*D*F. Plus V*D embeddings, S_max*D learned positions, a final norm, V*D untied head.
+    a*D*F (plus a shared expert a*D*Fs and its gate D). Plus V*D embeddings, S_max*D
+    learned positions, a final norm, V*D untied head.
     """
     D, V = model_cfg.d_model, model_cfg.vocab_size
     num_moe = model_cfg.num_moe_blocks
@@ -66,13 +71,22 @@ def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParamCounts:
     if model_cfg.position == "learned":
         embedding += model_cfg.max_seq_len * D
     router = num_moe * D * moe_cfg.num_experts
+    shared = num_moe * _shared_params(D, moe_cfg)
     final_norm = D * (2 if model_cfg.norm == "layernorm" else 1)
-    dense = (embedding + final_norm + router + model_cfg.num_layers * _block_params(model_cfg)
+    dense = (embedding + final_norm + router + shared + model_cfg.num_layers * _block_params(model_cfg)
              + num_dense_blocks * _mlp_mult(model_cfg.mlp_activation) * D * model_cfg.d_ff)
     expert = num_moe * moe_cfg.num_experts * per_expert
     return ParamCounts(total=dense + expert, dense=dense, expert=expert, router=router,
                        embedding=embedding,
-                       active_per_token=dense + num_moe * moe_cfg.top_k * per_expert)
+                       active_per_token=dense + num_moe * moe_cfg.top_k * per_expert, shared=shared)
+
+
+def _shared_params(d_model: int, moe_cfg: MoEConfig) -> int:
+    """One MoE block's shared expert: a*D*Fs, plus D for a sigmoid gate; 0 without."""
+    if moe_cfg.shared_d_ff == 0:
+        return 0
+    gate = d_model if moe_cfg.shared_gate == "sigmoid" else 0
+    return _mlp_mult(moe_cfg.activation) * d_model * moe_cfg.shared_d_ff + gate
 
 
 def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> dict[str, float]:
@@ -86,6 +100,7 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
     router       (MoE blocks) 2 * D * E
     experts      (MoE blocks) k * 2 * a * D * F: every top-k assignment computed (dropless;
                  with a capacity, dropped assignments do less and padding does more)
+    shared       (MoE blocks) 2 * a * D * Fs, + 2 * D for a sigmoid gate
     lm_head      2 * D * V
     Embedding lookups, norms, softmax and activations are not matmuls and are left out.
     """
@@ -98,6 +113,7 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
         "dense_mlp": 2.0 * (L - num_moe) * _mlp_mult(model_cfg.mlp_activation) * D * model_cfg.d_ff,
         "router": 2.0 * num_moe * D * moe_cfg.num_experts,
         "experts": 2.0 * num_moe * moe_cfg.top_k * _mlp_mult(moe_cfg.activation) * D * moe_cfg.d_ff,
+        "shared": 2.0 * num_moe * _shared_params(D, moe_cfg),
         "lm_head": 2.0 * D * model_cfg.vocab_size,
     }
 
@@ -131,7 +147,8 @@ def _activation_bytes_per_token(cfg: ModelConfig, moe: MoEConfig, dtype_bytes: i
     D, K, b = cfg.d_model, cfg.head_dim, dtype_bytes
     attn = 3 * D + (cfg.num_heads + 2 * cfg.kv_heads) * K
     dense = (attn + 2 * D + _mlp_mult(cfg.mlp_activation) * cfg.d_ff) * b
-    moe_block = ((attn + 2 * D + moe.top_k * (2 * D + _mlp_mult(moe.activation) * moe.d_ff)) * b
+    shared = (D + _mlp_mult(moe.activation) * moe.shared_d_ff) if moe.shared_d_ff else 0
+    moe_block = ((attn + 2 * D + moe.top_k * (2 * D + _mlp_mult(moe.activation) * moe.d_ff) + shared) * b
                  + 2 * 4 * moe.num_experts)
     blocks = [moe_block if cfg.is_moe_block(i) else dense for i in range(cfg.num_layers)]
     head = 2 * D * b + cfg.vocab_size * (b + 4)
@@ -161,6 +178,7 @@ def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: i
       attention  3D + (H + 2G)K   (norm input, qkv input, q/k/v, attention output)
       dense MLP  2D + a*Fd        (norm input, up input, hidden)
       MoE MLP    2D + k(2D + a*F) (+ 8E bytes of fp32 router logits and probs)
+                 + D + a*Fs with a shared expert (its output, its hidden)
       head       2D, and V * (b + 4) bytes: logits plus fp32 log-softmax
     With activation checkpointing: L * D * b (each block's input) + the largest block
     (recomputed one at a time in backward) + the head.

@@ -12,6 +12,7 @@ the expert-parallel group is passed in.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +63,15 @@ class ModelOutput:
         lm_loss: mean cross-entropy over the labels (when labels were given).
         moe_losses: per MoE layer (aux_loss, z_loss), coefficients not applied.
         moe_stats: per MoE layer statistics.
+        moe_seq_losses: per MoE layer sequence-wise balance loss (``moe.seq_balance_coef``;
+            a constant 0 when off), coefficient not applied.
     """
 
     logits_BSV: Tensor
     lm_loss: Tensor | None
     moe_losses: list[tuple[Tensor, Tensor]]
     moe_stats: list[MoEStats]
+    moe_seq_losses: list[Tensor] = dataclasses.field(default_factory=list)
 
 
 class MoETransformer(nn.Module):
@@ -130,9 +134,11 @@ class MoETransformer(nn.Module):
                 x_BSD, out = block(x_BSD, rope)
             if out is not None:  # appended here, once: never inside the recomputed function
                 moe_out.append(out)
+                if self.training and torch.is_grad_enabled():  # selection-bias counts, once
+                    block.mlp.tally.add(out.stats)
         logits_BSV = self.head(self.norm(x_BSD))
         lm_loss = None
         if labels_BS is not None:
             lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=-100)
         return ModelOutput(logits_BSV, lm_loss, [(o.aux_loss, o.z_loss) for o in moe_out],
-                           [o.stats for o in moe_out])
+                           [o.stats for o in moe_out], [o.seq_loss for o in moe_out])

@@ -3,8 +3,10 @@
 Shape legend:
   T  tokens in the routing group     D  model width
   N  kept assignments on this rank, grouped by global expert
-  M  rows received from all EP peers for this rank's local experts
+  M  rows for this rank's local experts (from all EP peers), grouped by local expert
   R  expert-parallel group size      L  local experts, E / R
+  U  (token, destination rank) pairs this rank sends (once-per-rank mode)
+  V  such rows this rank receives from all peers (once-per-rank mode)
 
 Local work (permute, un-permute, weighted combine) is separate from communication:
 with R = 1 no collective is issued at all. With R > 1 the exchange is
@@ -13,6 +15,16 @@ with R = 1 no collective is issued at all. With R > 1 the exchange is
   results: the same exchange with the splits swapped.
 Rank r owns global experts [r * L, (r + 1) * L), so rows already grouped by global
 expert are also grouped by destination rank.
+
+Once-per-rank mode (``moe.dispatch: once_per_rank``, for k > 1): a token whose kept
+assignments go to several experts of one rank crosses the all-to-all ONCE to that rank,
+with a routing table row [L flags | L gates]; the receiver expands it into one row per
+local expert (an index_select, whose backward sums the rows' gradients there), runs the
+experts, and sums the gated outputs per received row before sending ONE row back. So
+both all-to-alls carry U rows instead of N; the gates travel with the token (fp32; in
+the same all-to-all as the token when the activations are fp32, else in a second one)
+and their gradients come back through it. Same math as per-assignment dispatch, another
+summation order (equal to fp32 rounding, tested at ep 1, 2 and 4).
 """
 
 from __future__ import annotations
@@ -37,6 +49,11 @@ class Dispatched:
         token_ids_N, gates_N: source token and combine weight of each kept assignment.
         send_splits, recv_splits: per-rank row counts of the token exchange (EP only).
         regroup_M: permutation from rank-major received rows to expert-major (EP only).
+        rows_sent: rows this rank puts into the token all-to-all (its own chunk included;
+            the results come back in as many rows); rows_sent_remote: those for other ranks.
+        once_per_rank: the rows are (token, rank) pairs; then ``token_ids_U`` is the
+            source token of each sent row, ``row_of_M`` the received row each expert row
+            expands, ``gates_M`` its gate, ``num_received`` V.
     """
 
     x_MD: Tensor
@@ -46,6 +63,13 @@ class Dispatched:
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
     regroup_M: Optional[Tensor] = None
+    rows_sent: int = 0
+    rows_sent_remote: int = 0
+    once_per_rank: bool = False
+    token_ids_U: Optional[Tensor] = None
+    row_of_M: Optional[Tensor] = None
+    gates_M: Optional[Tensor] = None
+    num_received: int = 0
 
 
 class _GatedScatterAdd(torch.autograd.Function):
@@ -77,21 +101,30 @@ class Dispatcher:
     Args:
         num_experts: E, global.
         ep_size, ep_group: the expert-parallel group (None and 1 for local only).
+        once_per_rank: send each token once per destination rank (module docstring);
+            only matters with ep_size > 1.
+        ep_rank: this rank's index in ``ep_group`` (for the rows-sent accounting).
     """
 
-    def __init__(self, num_experts: int, ep_size: int = 1, ep_group=None):
+    def __init__(self, num_experts: int, ep_size: int = 1, ep_group=None, once_per_rank: bool = False,
+                 ep_rank: int = 0):
         assert num_experts % ep_size == 0, "checked by MoELayer"
         self.num_experts, self.ep_size, self.ep_group = num_experts, ep_size, ep_group
         self.num_local = num_experts // ep_size
+        self.once_per_rank, self.ep_rank = once_per_rank and ep_size > 1, ep_rank
         self.label = "MoE layer"  # the model names it ("MoE layer 3") for hang reports
 
     def dispatch(self, x_TD: Tensor, routing: Routing) -> Dispatched:
         kept_N = routing.kept_order_N
         token_ids_N = routing.token_ids_A.index_select(0, kept_N)
         gates_N = routing.gates_A.index_select(0, kept_N)
+        if self.once_per_rank:
+            return self._dispatch_once_per_rank(x_TD, routing, token_ids_N, gates_N)
         x_ND = x_TD.index_select(0, token_ids_N)
         if self.ep_size == 1:
-            return Dispatched(x_ND, routing.kept_per_expert_E, token_ids_N, gates_N)
+            num_kept = token_ids_N.numel()
+            return Dispatched(x_ND, routing.kept_per_expert_E, token_ids_N, gates_N,
+                              rows_sent=num_kept)
 
         send_RL = routing.kept_per_expert_E.view(self.ep_size, self.num_local)
         recv_RL = exchange_counts(send_RL, self.ep_group, f"{self.label} (token counts)")
@@ -100,11 +133,56 @@ class Dispatcher:
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.ep_group, f"{self.label} (tokens to experts)")
         regroup_M = self._rank_major_to_expert_major(recv_RL)
         return Dispatched(x_MD.index_select(0, regroup_M), recv_RL.sum(dim=0), token_ids_N,
-                          gates_N, send_splits, recv_splits, regroup_M)
+                          gates_N, send_splits, recv_splits, regroup_M, rows_sent=sum(send_splits),
+                          rows_sent_remote=sum(send_splits) - send_splits[self.ep_rank])
+
+    def _dispatch_once_per_rank(self, x_TD: Tensor, routing: Routing, token_ids_N: Tensor,
+                                gates_N: Tensor) -> Dispatched:
+        """One row per (token, destination rank) with its routing table; see the module
+        docstring. Rows are sent in (rank, token) order."""
+        R, L, T, D = self.ep_size, self.num_local, x_TD.shape[0], x_TD.shape[1]
+        expert_N = routing.expert_ids_A.index_select(0, routing.kept_order_N)
+        pair_N = torch.div(expert_N, L, rounding_mode="floor") * T + token_ids_N
+        pairs_U, row_of_N = torch.unique(pair_N, sorted=True, return_inverse=True)
+        num_rows = pairs_U.numel()
+        rank_U = torch.div(pairs_U, T, rounding_mode="floor") if T else pairs_U
+        send_R = torch.bincount(rank_U, minlength=R)
+        recv_R = exchange_counts(send_R.view(R, 1), self.ep_group, f"{self.label} (token counts)").view(R)
+        send_splits, recv_splits = send_R.tolist(), recv_R.tolist()
+        token_ids_U = pairs_U - rank_U * T
+        # Routing table [U, 2L]: flags (1.0 = this row goes to local expert l), then gates.
+        cell_N = row_of_N * L + expert_N % L
+        flags_UL = x_TD.new_zeros(num_rows * L, dtype=torch.float32).index_fill_(0, cell_N, 1.0)
+        gates_UL = gates_N.new_zeros(num_rows * L).scatter(0, cell_N, gates_N)
+        table_UC = torch.cat([flags_UL.view(num_rows, L), gates_UL.view(num_rows, L)], dim=1)
+        x_UD = x_TD.index_select(0, token_ids_U)
+        label = f"{self.label} (tokens to experts, once per rank)"
+        if x_UD.dtype == torch.float32:  # one all-to-all for the tokens and their table
+            packed_VC = all_to_all(torch.cat([x_UD, table_UC], dim=1), send_splits, recv_splits,
+                                   self.ep_group, label)
+            x_VD, table_VC = packed_VC[:, :D], packed_VC[:, D:]
+        else:  # keep the gates in fp32: a second, small exchange
+            x_VD = all_to_all(x_UD, send_splits, recv_splits, self.ep_group, label)
+            table_VC = all_to_all(table_UC, send_splits, recv_splits, self.ep_group,
+                                  f"{self.label} (routing table)")
+        flags_VL = table_VC[:, :L].detach() > 0.5
+        # Expert-major expansion: (local expert, received row) pairs sorted by expert.
+        local_M, row_of_M = flags_VL.t().nonzero(as_tuple=True)
+        gates_M = table_VC[:, L:][row_of_M, local_M]
+        return Dispatched(x_VD.index_select(0, row_of_M), flags_VL.sum(dim=0), token_ids_N, gates_N,
+                          send_splits, recv_splits, rows_sent=num_rows,
+                          rows_sent_remote=num_rows - send_splits[self.ep_rank], once_per_rank=True,
+                          token_ids_U=token_ids_U, row_of_M=row_of_M, gates_M=gates_M,
+                          num_received=x_VD.shape[0])
 
     def combine(self, y_MD: Tensor, d: Dispatched, num_tokens: int) -> Tensor:
         """Returns y_TD = sum over kept assignments of gate * expert output; a token
         whose every choice was dropped gets zeros (the residual carries it)."""
+        if d.once_per_rank:  # gated partial sums per received row, one row back per pair
+            z_VD = _GatedScatterAdd.apply(y_MD, d.gates_M, d.row_of_M, d.num_received)
+            z_UD = all_to_all(z_VD, d.recv_splits, d.send_splits, self.ep_group,
+                              f"{self.label} (expert outputs back, once per rank)")
+            return z_UD.new_zeros((num_tokens, z_UD.shape[1])).index_add(0, d.token_ids_U, z_UD)
         if self.ep_size > 1:
             y_rank_major_MD = torch.empty_like(y_MD).index_copy(0, d.regroup_M, y_MD)
             y_ND = all_to_all(y_rank_major_MD, d.recv_splits, d.send_splits, self.ep_group,

@@ -1,8 +1,9 @@
-"""The MoE layer: router -> dispatcher -> experts -> combine.
+"""The MoE layer: router -> dispatcher -> experts -> combine (+ the shared expert).
 
 Shape legend:
   T  tokens in the routing group (flattened leading dims)   D  model width
   E  experts (global)    L  local experts, E / ep    M  rows for the local experts
+  S  sequence length (the last leading dim: x is [..., S, D])
 
 The layer knows no global process group: an expert-parallel group is passed in (None
 means all experts are local and the layer runs in a plain Python process).
@@ -19,7 +20,9 @@ from torch import Tensor, nn
 from moe_train.config import MoEConfig
 from moe_train.moe.dispatcher import Dispatcher
 from moe_train.moe.experts import GroupedExperts
+from moe_train.moe.balance import RoutingTally
 from moe_train.moe.router import Router
+from moe_train.moe.shared import SharedExpert
 from moe_train.moe.stats import MoEStats
 
 
@@ -31,12 +34,15 @@ class MoEOutput:
         aux_loss, z_loss: fp32 scalars with gradient, coefficients NOT applied (they
             are applied once, in ``moe_train.moe.losses``).
         stats: monitoring tensors, detached.
+        seq_loss: fp32 scalar, the sequence-wise balance loss (with gradient when
+            ``moe.seq_balance_coef`` > 0, else a constant 0), coefficient NOT applied.
     """
 
     y: Tensor
     aux_loss: Tensor
     z_loss: Tensor
     stats: MoEStats
+    seq_loss: Tensor = None
 
 
 def mark_expert_params(module: nn.Module, ep_size: int) -> None:
@@ -49,7 +55,13 @@ def mark_expert_params(module: nn.Module, ep_size: int) -> None:
 
 
 class MoELayer(nn.Module):
-    """Switch / top-k mixture-of-experts feed-forward layer.
+    """Switch / top-k mixture-of-experts feed-forward layer, with an optional shared
+    expert (``moe.shared_d_ff``): y = combine(routed) + g * shared(x).
+
+    ``tally`` (a ``RoutingTally``, not a module) accumulates the routed counts of the
+    training micro-batches of one optimizer step for the selection bias and the routing
+    health; the model's outer forward feeds it (``MoETransformer``), never this forward,
+    so a recomputation under activation checkpointing counts nothing twice.
 
     Args:
         cfg: the ``moe`` config section.
@@ -73,14 +85,22 @@ class MoELayer(nn.Module):
                                       first_global_expert_id=ep_rank * self.num_local,
                                       seed=cfg.seed, impl=cfg.expert_impl)
         mark_expert_params(self.experts, ep_size)
-        self.dispatcher = Dispatcher(cfg.num_experts, ep_size, ep_group)
+        # Dense: NOT marked, so DeepSpeed reduces it over all ranks like any dense weight.
+        self.shared = (SharedExpert(d_model, cfg.shared_d_ff, cfg.activation, cfg.shared_gate == "sigmoid")
+                       if cfg.shared_d_ff > 0 else None)
+        self.dispatcher = Dispatcher(cfg.num_experts, ep_size, ep_group,
+                                     once_per_rank=cfg.dispatch == "once_per_rank", ep_rank=ep_rank)
+        self.tally = RoutingTally(cfg.num_experts)
 
     def forward(self, x: Tensor) -> MoEOutput:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
+        seq_len = x.shape[-2] if x.dim() >= 3 else None  # [.., S, D]: sequences of S tokens
+        routing = self.router(x_TD, seq_len=seq_len)
         dispatched = self.dispatcher.dispatch(x_TD, routing)
         y_MD = self.experts(dispatched.x_MD, dispatched.tokens_per_expert_L)
         y_TD = self.dispatcher.combine(y_MD, dispatched, x_TD.shape[0])
+        if self.shared is not None:  # every token, dropped or not
+            y_TD = y_TD + self.shared(x_TD)
         stats = MoEStats(
             routed_per_expert_E=routing.routed_per_expert_E,
             kept_per_expert_E=routing.kept_per_expert_E,
@@ -88,5 +108,7 @@ class MoELayer(nn.Module):
             router_entropy=routing.entropy,
             aux_loss=routing.aux_loss.detach(),
             z_loss=routing.z_loss.detach(),
+            seq_loss=routing.seq_loss.detach(),
         )
-        return MoEOutput(y_TD.view(x.shape).to(x.dtype), routing.aux_loss, routing.z_loss, stats)
+        return MoEOutput(y_TD.view(x.shape).to(x.dtype), routing.aux_loss, routing.z_loss, stats,
+                         routing.seq_loss)

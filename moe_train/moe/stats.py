@@ -10,6 +10,7 @@ Shape legend: E experts (global), T tokens in the routing group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
@@ -22,6 +23,7 @@ class MoEStats:
         num_assignments: K * T of this routing group.
         router_entropy: fp32 scalar, mean over tokens of -sum_e p log p (nats).
         aux_loss, z_loss: fp32 scalars, detached, coefficients not applied.
+        seq_loss: fp32 scalar, detached: the sequence-wise balance loss (0 when off).
     """
 
     routed_per_expert_E: Tensor
@@ -30,6 +32,7 @@ class MoEStats:
     router_entropy: Tensor
     aux_loss: Tensor
     z_loss: Tensor
+    seq_loss: Optional[Tensor] = None
 
     @property
     def num_dropped(self) -> Tensor:
