@@ -1,6 +1,12 @@
 """``python -m moe_train ...`` is the ``moe-train`` console script."""
 
-from moe_train.cli import main
+import sys
+
+from moe_train import control
+
+control.install_early(sys.argv[1:])  # before importing torch: a stop signal is never lost
+
+from moe_train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -37,7 +37,18 @@ class StopRequest:
         return self.reason is not None
 
 
-def install_stop_signals(stop: StopRequest, rank: int) -> None:
+EARLY_STOP = StopRequest()  # the run's request, caught from the very start of the process
+
+
+def install_early(argv: list[str]) -> None:
+    """Installs the stop handlers before the heavy imports of ``train`` (seconds), so a
+    signal in that window is a stop request, not the default action (terminate)."""
+    if "train" in argv:
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
+        install_stop_signals(EARLY_STOP, rank)
+
+
+def install_stop_signals(stop: StopRequest, rank) -> None:
     """SIGUSR1 / SIGTERM -> ``stop.request``. Main thread only (Python's rule)."""
 
     def handler(signum, frame):
