@@ -24,3 +24,6 @@ if [ ! -f "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
+# DeepSpeed compiles a small shared-memory op on first use (30-60 s on CPU); keep the
+# build with this venv so two checkouts (or torch versions) never rebuild each other's.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
