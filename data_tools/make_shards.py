@@ -22,7 +22,10 @@ from moe_train.data.errors import TextError  # noqa: E402
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
-                   help="text files (one document per line), .jsonl files, globs or dirs")
+                   help="text files, .jsonl files (one document per object), globs or dirs")
+    p.add_argument("--text-unit", choices=["block", "file", "line"], default="block",
+                   help="documents of a text file: blank-line-separated blocks with their line "
+                        "breaks (default), the whole file, or every line")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -43,7 +46,8 @@ def main(argv=None) -> None:
             manifest = make_shards(args.input, args.tokenizer, args.output, args.seq_len,
                                    args.val_fraction, int(args.shard_mb * (1 << 20)),
                                    args.samples_per_shard, args.procs, args.text_field,
-                                   args.add_bos, args.on_error, command_line(), bar)
+                                   args.add_bos, args.on_error, command_line(), bar,
+                                   args.text_unit)
     except (TextError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     for name, split in manifest["splits"].items():

@@ -22,7 +22,10 @@ from moe_train.data.tokenizer import (TextStats, expand_inputs, iter_documents, 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
-                   help="text files (one document per line), .jsonl files, globs or dirs")
+                   help="text files, .jsonl files (one document per object), globs or dirs")
+    p.add_argument("--text-unit", choices=["block", "file", "line"], default="block",
+                   help="documents of a text file: blank-line-separated blocks with their line "
+                        "breaks (default), the whole file, or every line")
     p.add_argument("--output", required=True, help="output prefix (writes .model/.vocab/.json)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
@@ -39,12 +42,12 @@ def main(argv=None) -> None:
     try:
         files = expand_inputs(args.input)
         stats = TextStats()
-        docs = tqdm(iter_documents(files, args.text_field, args.on_error, stats),
+        docs = tqdm(iter_documents(files, args.text_field, args.on_error, stats, args.text_unit),
                     desc="documents", unit="doc")
         meta = train_tokenizer(docs, args.output, args.vocab_size, args.model_type,
                                not args.no_byte_fallback, args.character_coverage,
                                args.max_documents, args.threads,
-                               extra={"command": command_line(), "inputs": files,
+                               extra={"command": command_line(), "inputs": files, "text_unit": args.text_unit,
                                       "skipped_input_lines": stats.skipped_lines})
     except (TextError, FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc))

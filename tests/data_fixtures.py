@@ -40,12 +40,12 @@ def make_documents(num_docs: int, seed: int = 0) -> list[str]:
 
 
 def write_corpus(directory: str, docs: list[str]) -> list[str]:
-    """First half as a .txt (one document per line), second half as .jsonl."""
+    """First half as a .txt (documents separated by blank lines), second half as .jsonl."""
     os.makedirs(directory, exist_ok=True)
     half = len(docs) // 2
     txt, jsonl = os.path.join(directory, "a.txt"), os.path.join(directory, "b.jsonl")
     with open(txt, "w", encoding="utf-8") as f:
-        f.write("".join(d + "\n" for d in docs[:half]))
+        f.write("\n".join(d + "\n" for d in docs[:half]))
     with open(jsonl, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[half:])))
     return [txt, jsonl]

@@ -150,12 +150,12 @@ def test_config_validation_names_field():
 
 def test_non_utf8_text_errors_or_is_counted(tmp_path, tokenized):
     path = tmp_path / "bad.txt"
-    path.write_bytes("good line é\n".encode() + b"bad \xff\xfe line\n" + b"fine\n")
+    path.write_bytes("good line é\n".encode() + b"bad \xff\xfe line\n" + b"fine\n\nnext\n")
     with pytest.raises(TextError, match=r"bad\.txt:2: not valid UTF-8"):
         list(iter_documents([str(path)]))
-    stats = TextStats()
+    stats = TextStats()  # the bad line leaves its block; the block stays one document
     assert list(iter_documents([str(path)], on_error="skip", stats=stats)) == \
-        ["good line é", "fine"]
+        ["good line é\nfine", "next"]
     assert stats.skipped_lines == 1
     with pytest.raises(TextError, match=r"bad\.txt:2"):
         make_shards([str(path)], tokenized.model, str(tmp_path / "o"), seq_len=8)

@@ -1,6 +1,6 @@
 """Tokenize documents into packed-sequence shards (the library side of make_shards.py).
 
-Deterministic: documents are read in a fixed order (sorted inputs, line order), tokenized
+Deterministic: documents are read in a fixed order (sorted inputs, file order), tokenized
 in parallel with an order-preserving map, and split into train/validation by a hash of
 the document text, so the same input gives byte-identical shards for any process count.
 """
@@ -47,7 +47,7 @@ def make_shards(inputs: list[str], tokenizer_path: str, out_dir: str, seq_len: i
                 val_fraction: float = 0.01, shard_bytes: int = 256 << 20,
                 samples_per_shard: int = 0, num_procs: int = 1, text_field: str = "text",
                 add_bos: bool = False, on_error: str = "raise", command: str = "",
-                progress=None) -> dict:
+                progress=None, text_unit: str = "block") -> dict:
     """Tokenize text/JSONL inputs into train/validation shards and write manifest.json.
 
     Args:
@@ -64,6 +64,9 @@ def make_shards(inputs: list[str], tokenizer_path: str, out_dir: str, seq_len: i
         on_error: "raise" or "skip" for bad input lines (non-UTF-8, bad JSON).
         command: the command line, recorded in the manifest.
         progress: optional object with update(num_documents) (e.g. a tqdm bar).
+        text_unit: how plain-text files are cut into documents: "block" (blank-line-
+            separated, line breaks kept), "file" or "line" (see tokenizer.iter_documents);
+            the train/validation split is by document.
 
     Returns:
         The manifest dict (also written to out_dir/manifest.json).
@@ -80,7 +83,7 @@ def make_shards(inputs: list[str], tokenizer_path: str, out_dir: str, seq_len: i
     packers = {s: Packer(seq_len, dtype, tok.pad_id, writers[s].add) for s in writers}
     documents = {s: 0 for s in writers}
     stats = TextStats()
-    docs = iter_documents(files, text_field, on_error, stats)
+    docs = iter_documents(files, text_field, on_error, stats, text_unit)
     pool = mp.Pool(num_procs, _init_worker, (tokenizer_path,)) if num_procs > 1 else None
     try:
         for texts, ids in _encode_in_order(_chunks(docs, 256), tokenizer_path, pool, num_procs):
@@ -106,7 +109,7 @@ def make_shards(inputs: list[str], tokenizer_path: str, out_dir: str, seq_len: i
         "sample_tokens": seq_len + 1, "dtype": dtype, "vocab_size": tok.vocab_size,
         "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "add_bos": add_bos,
         "tokenizer": {"model": os.path.abspath(tokenizer_path), "sha256": tok.sha256},
-        "inputs": files, "val_fraction": val_fraction, "command": command,
+        "inputs": files, "text_unit": text_unit, "val_fraction": val_fraction, "command": command,
         "skipped_input_lines": stats.skipped_lines, "splits": splits}
     write_manifest(out_dir, manifest)
     return manifest

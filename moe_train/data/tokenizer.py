@@ -1,15 +1,26 @@
 """SentencePiece tokenizer: reading documents, training, encoding.
 
-Documents come from text files (one document per non-empty line), JSONL files (one
-JSON object per line, text under `text_field`), or globs of either; `.gz` works for
-both. Text must be UTF-8: a bad line is a `TextError` naming file and line, or, with
-`on_error="skip"`, skipped and counted.
+Documents come from plain-text files, JSONL files (one JSON object per line, text under
+`text_field`), or globs of either; `.gz` works for both. A plain-text file is cut into
+documents by `text_unit`:
+
+- "block" (default): blank-line-separated blocks (a speech of a play, a paragraph, a
+  sonnet); the line breaks inside a block are kept;
+- "file": the whole file is one document (leading and trailing blank lines removed);
+- "line": every non-empty line is a document (line breaks never reach the tokenizer).
+
+Text must be UTF-8: a bad line is a `TextError` naming file and line, or, with
+`on_error="skip"`, skipped (left out of its block) and counted. Windows line ends become
+"\n".
 
 Training writes `<prefix>.model`, `<prefix>.vocab` and `<prefix>.json` (special ids,
 vocab size, model type, sha256 of the .model file, the options used). The defaults make
-`decode(encode(text)) == text` for any UTF-8 text: identity normalisation, no dummy
-prefix, whitespace kept, and byte fallback for characters outside the vocabulary.
-Special ids are fixed: pad=0, unk=1, bos=2, eos=3.
+`decode(encode(text)) == text` for any UTF-8 text: identity normalisation (no NFKC), no
+dummy prefix, whitespace kept as it is (`remove_extra_whitespaces=False`), and byte
+fallback for characters outside the vocabulary. Line breaks are text like any other:
+documents keep them, so the trainer learns pieces for them ("\n", ".\n", "\n\n" on
+verse), and byte fallback covers a line break the vocabulary lacks (`<0x0A>`); generated
+text therefore has lines. Special ids are fixed: pad=0, unk=1, bos=2, eos=3.
 """
 from __future__ import annotations
 
@@ -30,6 +41,10 @@ from moe_train.data.errors import TextError
 log = logging.getLogger("moe_train.data")
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+TEXT_UNITS = ("block", "file", "line")
+# SentencePiece skips training "sentences" longer than this (bytes); longer documents are
+# fed to the trainer in pieces cut at line breaks (see `training_pieces`).
+MAX_SENTENCE_BYTES = 1 << 16
 
 
 @dataclass
@@ -78,33 +93,66 @@ def _is_jsonl(path: str) -> bool:
 
 
 def iter_documents(files: list[str], text_field: str = "text", on_error: str = "raise",
-                   stats: Optional[TextStats] = None) -> Iterator[str]:
-    """Yield documents from text/JSONL files in a fixed order (file list order, line order).
+                   stats: Optional[TextStats] = None, text_unit: str = "block") -> Iterator[str]:
+    """The documents of text/JSONL files in a fixed order (file list order, then file order).
 
     Args:
         files: input files (see `expand_inputs`).
         text_field: JSONL key holding the document text.
         on_error: "raise" or "skip" for non-UTF-8 lines, bad JSON or a missing field.
         stats: counters to update (documents, skipped lines).
+        text_unit: how a plain-text file is cut into documents: "block" (blank-line-
+            separated blocks, line breaks kept), "file" or "line" (module docstring).
+            JSONL files always give one document per object.
 
     Returns:
         An iterator of document strings (empty documents are left out).
     """
-    stats = stats if stats is not None else TextStats()
+    if text_unit not in TEXT_UNITS:  # checked now, not at the first document
+        raise ValueError(f"text_unit={text_unit!r}: must be one of {', '.join(TEXT_UNITS)}")
+    return _documents(files, text_field, on_error, stats if stats is not None else TextStats(),
+                      text_unit)
+
+
+def _documents(files: list[str], text_field: str, on_error: str, stats: TextStats,
+               text_unit: str) -> Iterator[str]:
     for path in files:
         jsonl = _is_jsonl(path)
-        with _open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    text = _parse_line(path, lineno, raw, jsonl, text_field)
-                except TextError as err:
-                    if on_error != "skip":
-                        raise
-                    stats.skip(err)
-                    continue
-                if text:
-                    stats.documents += 1
-                    yield text
+        lines = _iter_lines(path, jsonl, text_field, on_error, stats)
+        docs = lines if jsonl or text_unit == "line" else _join_lines(lines, text_unit)
+        for text in docs:
+            if text:
+                stats.documents += 1
+                yield text
+
+
+def _iter_lines(path: str, jsonl: bool, text_field: str, on_error: str,
+                stats: TextStats) -> Iterator[str]:
+    """The decoded lines of a file (JSONL: each object's text), bad ones raised or skipped."""
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield _parse_line(path, lineno, raw, jsonl, text_field)
+            except TextError as err:
+                if on_error != "skip":
+                    raise
+                stats.skip(err)
+
+
+def _join_lines(lines: Iterable[str], text_unit: str) -> Iterator[str]:
+    """Lines -> blocks (a blank or whitespace-only line ends one) or one whole file."""
+    block: list[str] = []
+    for line in lines:
+        if text_unit == "block" and not line.strip():
+            if block:
+                yield "\n".join(block)
+            block = []
+        elif block or line.strip():  # "file": leading blank lines dropped, inner ones kept
+            block.append(line)
+    while block and not block[-1].strip():
+        block.pop()
+    if block:
+        yield "\n".join(block)
 
 
 def _parse_line(path: str, lineno: int, raw: bytes, jsonl: bool, text_field: str) -> str:
@@ -125,6 +173,32 @@ def _parse_line(path: str, lineno: int, raw: bytes, jsonl: bool, text_field: str
     return obj[text_field]
 
 
+def training_pieces(documents: Iterable[str], max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """Documents as SentencePiece training sentences: one longer than `max_bytes` (a
+    whole play with `text_unit="file"`) is cut at line breaks (a longer line by
+    characters) instead of being silently skipped by the trainer."""
+    for doc in documents:
+        if len(doc.encode("utf-8")) <= max_bytes:
+            yield doc
+            continue
+        piece: list[str] = []
+        size = 0
+        for line in doc.split("\n"):
+            n = len(line.encode("utf-8")) + 1
+            if piece and size + n > max_bytes:
+                yield "\n".join(piece)
+                piece, size = [], 0
+            while n > max_bytes:  # one huge line: cut it by characters (UTF-8 <= 4 bytes each)
+                cut = max_bytes // 4
+                yield line[:cut]
+                line = line[cut:]
+                n = len(line.encode("utf-8")) + 1
+            piece.append(line)
+            size += n
+        if piece:
+            yield "\n".join(piece)
+
+
 def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -137,7 +211,8 @@ def train_tokenizer(documents: Iterable[str], prefix: str, vocab_size: int,
     """Train a SentencePiece model and write `<prefix>.model/.vocab/.json`.
 
     Args:
-        documents: document strings (each is one training "sentence").
+        documents: document strings (each is one training "sentence"; longer ones are cut
+            at line breaks, `training_pieces`).
         prefix: output path prefix.
         vocab_size: requested size; on a tiny corpus SentencePiece may stop earlier, the
             real size is in the returned metadata.
@@ -160,10 +235,10 @@ def train_tokenizer(documents: Iterable[str], prefix: str, vocab_size: int,
         character_coverage=character_coverage, normalization_rule_name="identity",
         add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, split_digits=True, hard_vocab_limit=False,
-        max_sentence_length=1 << 16, input_sentence_size=input_sentence_size,
+        max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True, num_threads=num_threads,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, minloglevel=2)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(documents), model_writer=model,
+    spm.SentencePieceTrainer.train(sentence_iterator=training_pieces(documents), model_writer=model,
                                    **options)
     with open(prefix + ".model", "wb") as f:
         f.write(model.getvalue())
