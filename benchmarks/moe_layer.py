@@ -24,6 +24,15 @@ routers still compute their logits in fp32 (ours and DeepSpeed's upcast). The de
 
   PYTHONPATH=. python -m benchmarks.moe_layer [--reps 5] [--cases 0,1,2] [--threads N]
       [--json out.json] [--malloc default|keep] [--device cpu|cuda] [--dtype fp32|bf16]
+      [--parts layer,dispatch,shared]
+
+--parts dispatch: expert-parallel dispatch at ep 2 on two gloo processes (one thread
+each), per-assignment vs once-per-rank (``moe.dispatch``) side by side on the same
+tokens: rows each rank puts into the token all-to-all per token it routes (all rows, and
+those for the other rank) and fwd + bwd ms (the slower rank, minimum over --reps),
+for top-2 and top-8, dropless, and top-8 with group-limited routing (2 groups = the 2
+ranks, 1 group per token). --parts shared: the cost of a shared expert (moe.shared_d_ff)
+on top of the routed layer, against the dense roof: a plain FFN of the shared width.
 """
 
 from __future__ import annotations
@@ -41,6 +50,18 @@ from torch import Tensor, nn
 
 from moe_train.moe.experts import GroupedExperts
 from moe_train.parallel.init import keep_freed_memory
+
+# (T per rank, D, F, E, k, num_groups, groups_per_token): tiny CPU cases, then medium.
+DISPATCH_CASES = [
+    (256, 64, 128, 8, 2, 1, 1),
+    (256, 64, 64, 16, 8, 1, 1),
+    (256, 64, 64, 16, 8, 2, 1),
+    (4096, 256, 512, 8, 2, 1, 1),
+    (4096, 256, 128, 16, 8, 1, 1),
+    (4096, 256, 128, 16, 8, 2, 1),
+]
+DISPATCH_MODES = ("per_assignment", "once_per_rank")
+SHARED_CASE = (4096, 256, 512, 8, 2, 1024)  # T, D, F, E, k, shared_d_ff
 
 CASES = [  # (T, D, F, E)
     (8192, 512, 2048, 8),
@@ -212,6 +233,123 @@ def run_case(tokens: int, d_model: int, d_ff: int, num_experts: int, reps: int,
     return row
 
 
+def _dispatch_worker(rank: int, world: int, port: int, reps: int, queue) -> None:
+    """One of the two gloo ranks of --parts dispatch; rank 0 puts the rows on ``queue``."""
+    import torch.distributed as dist
+
+    from moe_train.config import MoEConfig
+    from moe_train.moe.layer import MoELayer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.new_group(list(range(world)))
+    rows = []
+    for T, D, F, E, k, G, M in DISPATCH_CASES:
+        x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(rank)).requires_grad_()
+        steps, sent = {}, {}
+        for mode in DISPATCH_MODES:
+            cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, capacity_factor=None, dispatch=mode,
+                            num_groups=G, groups_per_token=M, activation="gelu")
+            torch.manual_seed(0)
+            layer = MoELayer(cfg, D, ep_group=group)
+            dispatch = layer.dispatcher.dispatch
+
+            def counted(x, routing, _dispatch=dispatch, _mode=mode):
+                d = _dispatch(x, routing)
+                sent[_mode] = (d.rows_sent, d.rows_sent_remote)
+                return d
+            layer.dispatcher.dispatch = counted
+            steps[mode] = _fwd_bwd(layer, x_TD, lambda x, _l=layer: _l(x).y.pow(2).mean())
+        times = {m: math.inf for m in steps}
+        for round_ in range(reps + 1):  # round 0 is the warm-up
+            for mode, step in steps.items():
+                dist.barrier(group=group)
+                start = time.perf_counter()
+                step()
+                elapsed = torch.tensor([time.perf_counter() - start])
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)  # the slower rank
+                if round_ > 0:
+                    times[mode] = min(times[mode], float(elapsed) * 1e3)
+        counts = torch.tensor([[sent[m][0], sent[m][1]] for m in DISPATCH_MODES], dtype=torch.float64)
+        dist.all_reduce(counts, group=group)  # over both ranks
+        row = {"tokens_per_rank": T, "d_model": D, "d_ff": F, "num_experts": E, "top_k": k,
+               "num_groups": G, "groups_per_token": M}
+        for i, mode in enumerate(DISPATCH_MODES):
+            row[f"{mode}_rows_per_token"] = float(counts[i, 0]) / (world * T)
+            row[f"{mode}_remote_rows_per_token"] = float(counts[i, 1]) / (world * T)
+            row[f"{mode}_ms"] = times[mode]
+        rows.append(row)
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+
+
+def run_dispatch(reps: int) -> list[dict]:
+    """--parts dispatch: two spawned gloo ranks (ep 2), every DISPATCH_CASES row."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_dispatch_worker, args=(r, 2, port, reps, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=3600)
+    for p in procs:
+        p.join()
+    return rows
+
+
+def print_dispatch(rows: list[dict]) -> None:
+    print(f"{'T/rank':>6} {'E':>3} {'k':>2} {'G/M':>4} | rows/token sent (remote) "
+          f"{'per-assignment':>16} {'once-per-rank':>15} | {'per-asg ms':>10} {'once ms':>8} {'once/per':>8}")
+    for r in rows:
+        pa, op = (f"{r[m + '_rows_per_token']:.2f} ({r[m + '_remote_rows_per_token']:.2f})" for m in DISPATCH_MODES)
+        groups = f"{r['num_groups']}/{r['groups_per_token']}" if r["num_groups"] > 1 else "-"
+        print(f"{r['tokens_per_rank']:>6} {r['num_experts']:>3} {r['top_k']:>2} {groups:>4} | "
+              f"{'':>24} {pa:>16} {op:>15} | {r['per_assignment_ms']:10.1f} {r['once_per_rank_ms']:8.1f} "
+              f"{_ratio(r['once_per_rank_ms'], r['per_assignment_ms']):>8}")
+
+
+def run_shared(reps: int) -> dict:
+    """--parts shared: the routed layer with and without a shared expert, and the plain
+    FFN of the shared width (the dense roof of the shared part), one process."""
+    from moe_train.config import MoEConfig
+    from moe_train.moe.layer import MoELayer
+
+    T, D, F, E, k, Fs = SHARED_CASE
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    steps = {}
+    for name, shared in (("routed", 0), ("routed_plus_shared", Fs)):
+        cfg = MoEConfig(num_experts=E, top_k=k, d_ff=F, capacity_factor=1.25, shared_d_ff=shared,
+                        activation="gelu")
+        layer = MoELayer(cfg, D)
+        steps[name] = _fwd_bwd(layer, x_TD, lambda x, _l=layer: _l(x).y.pow(2).mean())
+    from moe_train.moe.shared import SharedExpert
+
+    shared = SharedExpert(D, Fs, "gelu", gated=False)
+    steps["shared_only"] = _fwd_bwd(shared, x_TD, lambda x: shared(x).pow(2).mean())
+    steps["dense_shared_width"] = dense_step(x_TD, Fs)
+    times = time_min_ms(steps, reps)
+    extra = times["routed_plus_shared"] - times["routed"]
+    return {"tokens": T, "d_model": D, "d_ff": F, "num_experts": E, "top_k": k, "shared_d_ff": Fs,
+            **{f"{n}_ms": t for n, t in times.items()}, "shared_extra_ms": extra,
+            "shared_only_over_dense": times["shared_only"] / times["dense_shared_width"],
+            "shared_extra_over_dense": extra / times["dense_shared_width"]}
+
+
+def print_shared(row: dict) -> None:
+    print(f"T {row['tokens']}, D {row['d_model']}, {row['num_experts']} experts top-{row['top_k']} "
+          f"(F {row['d_ff']}), shared_d_ff {row['shared_d_ff']}: routed {row['routed_ms']:.1f} ms, "
+          f"routed + shared {row['routed_plus_shared_ms']:.1f} ms (+{row['shared_extra_ms']:.1f} ms, "
+          f"{row['shared_extra_over_dense']:.2f}x the dense roof); the shared expert alone "
+          f"{row['shared_only_ms']:.1f} ms against {row['dense_shared_width_ms']:.1f} ms for a plain "
+          f"nn.Linear FFN of its width ({row['shared_only_over_dense']:.2f}x)")
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:6.2f}" if a and b else "     -"
 
@@ -244,7 +382,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="cuda: CUDA-event timing after a warm-up (see the module docstring)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="bf16: every contender with bf16 weights and inputs")
+    parser.add_argument("--parts", default="layer",
+                        help="comma-separated: layer (the table above), dispatch (ep 2 on gloo: "
+                             "per-assignment vs once-per-rank), shared (shared expert vs dense roof)")
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts <= {"layer", "dispatch", "shared"}:
+        parser.error(f"--parts {args.parts}: choose from layer, dispatch, shared")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("SKIPPED: --device cuda, but no CUDA device is visible (torch.cuda.is_available() is "
               "False); nothing was measured")
@@ -268,14 +412,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, "
           f"malloc {args.malloc}, {_deepspeed_version()}{where}")
     rows = []
-    for i in indices:
-        rows.append(run_case(*CASES[i], reps=args.reps, device=device, dtype=dtype))
-        print_table(rows[-1:])
-    print("\nall cases (ms; ratios with targets in parentheses):")
-    print_table(rows)
+    if "layer" in parts:
+        for i in indices:
+            rows.append(run_case(*CASES[i], reps=args.reps, device=device, dtype=dtype))
+            print_table(rows[-1:])
+        print("\nall cases (ms; ratios with targets in parentheses):")
+        print_table(rows)
+    report = {"cases": rows, "threads": torch.get_num_threads(), "reps": args.reps, "malloc": args.malloc}
+    if "dispatch" in parts:
+        print("\nexpert-parallel dispatch, ep 2 on gloo (2 processes x 1 thread), dropless, GELU:")
+        report["dispatch"] = run_dispatch(args.reps)
+        print_dispatch(report["dispatch"])
+    if "shared" in parts:
+        print("\nshared expert against the dense roof (one process):")
+        report["shared"] = run_shared(args.reps)
+        print_shared(report["shared"])
     if args.json:
-        report = {"cases": rows, "threads": torch.get_num_threads(), "reps": args.reps,
-                  "malloc": args.malloc}
         if where:
             report.update(device=args.device, dtype=args.dtype)
         with open(args.json, "w") as f:
