@@ -64,13 +64,13 @@ def prepare(data: Path, corpus: str) -> Path:
     return manifest
 
 
-def train(name: str, manifest: Path, data: Path, steps: int, eval_every: int, rate: float,
-          launcher: str) -> None:
-    sets = [s.format(rate=rate) for s in RUNS[name]] + [
+def train(name: str, manifest: Path, runs: Path, steps: int, eval_every: int, rate: float,
+          launcher: str, seed) -> None:
+    sets = [s.format(rate=rate) for s in RUNS[name]] + ([f"train.seed={seed}"] if seed is not None else []) + [
         "moe.top_k=2", f"data.manifest={manifest}", f"train.max_steps={steps}",
         f"train.eval_every={eval_every}", "train.eval_steps=0", "logging.every_steps=10",
-        f"checkpoint.dir={data / 'runs' / name / 'ckpt'}", "checkpoint.every_steps=0",
-        f"logging.dir={data / 'runs' / name / 'tb'}"]
+        f"checkpoint.dir={runs / name / 'ckpt'}", "checkpoint.every_steps=0",
+        f"logging.dir={runs / name / 'tb'}"]
     args = ["--config", "configs/tiny_switch.yaml", "--resume", "none"]
     for s in sets:
         args += ["--set", s]
@@ -90,10 +90,10 @@ def layer_mean(events: dict, key: str, step: int) -> float:
     return sum(events[t][step] for t in tags) / len(tags)
 
 
-def summarise(data: Path, names: list[str]) -> dict:
+def summarise(runs: Path, names: list[str]) -> dict:
     out = {"runs": {}}
     for name in names:
-        ev = read_events(data / "runs" / name / "tb")
+        ev = read_events(runs / name / "tb")
         steps = sorted(ev["eval/loss"])
         log_steps = sorted(ev["moe/mean/maxvio"])
         out["runs"][name] = {
@@ -144,18 +144,22 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--launcher", default="torchrun")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train.seed (default: the config's, 1234); runs go to runs_seed<N>/")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "balancing.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "balancing.png")
     args = parser.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
     manifest = prepare(args.data, args.corpus)
+    runs = args.data / ("runs" if args.seed is None else f"runs_seed{args.seed}")
     if not args.summarise_only:
         for name in names:
-            train(name, manifest, args.data, args.steps, args.eval_every, args.rate, args.launcher)
-    result = summarise(args.data, names)
+            train(name, manifest, runs, args.steps, args.eval_every, args.rate, args.launcher, args.seed)
+    result = summarise(runs, names)
     result["command"] = " ".join(["python", "docs/balancing_experiment.py", *(argv or sys.argv[1:])])
     result["setup"] = (f"configs/tiny_switch.yaml + moe.top_k=2 (8 experts, cf 1.25), {args.corpus} corpus, "
-                       f"2 ranks ep 2, {args.steps} steps, bias_update_rate {args.rate}")
+                       f"2 ranks ep 2, {args.steps} steps, bias_update_rate {args.rate}, "
+                       f"seed {1234 if args.seed is None else args.seed}")
     result["title"] = result["setup"]
     args.json.write_text(json.dumps(result, indent=1))
     plot(result, args.plot)
