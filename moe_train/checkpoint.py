@@ -57,7 +57,8 @@ SHAPE_KEYS = (("model", "vocab_size"), ("model", "d_model"), ("model", "num_laye
               ("model", "num_heads"), ("model", "num_kv_heads"), ("model", "d_ff"),
               ("model", "moe_every"), ("model", "first_dense_layers"), ("model", "mlp_activation"),
               ("model", "position"), ("model", "norm"), ("model", "tie_embeddings"),
-              ("moe", "num_experts"), ("moe", "d_ff"), ("moe", "activation"))
+              ("moe", "num_experts"), ("moe", "d_ff"), ("moe", "activation"),
+              ("moe", "shared_d_ff"), ("moe", "shared_gate"))
 
 
 class CheckpointError(RuntimeError):
