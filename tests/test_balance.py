@@ -13,16 +13,6 @@ from moe_train.moe.balance import bias_delta, maxvio, update_selection_biases
 from moe_train.moe.layer import MoELayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is 100x faster than two on a busy 2-core machine (no
-    spinning OpenMP workers); restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bias_delta_golden_numbers():
     u = 0.25  # a power of two: every value below is exact in fp32
     # counts [10, 0, 5, 5], mean 5: signs [-1, +1, 0, 0]; their mean is 0, centring changes nothing

@@ -14,15 +14,6 @@ from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.transformer import MoETransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is 100x faster than two on a busy 2-core machine (no
-    spinning OpenMP workers); restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 MODEL = ModelConfig(vocab_size=40, d_model=16, num_layers=3, num_heads=4, d_ff=24, max_seq_len=12,
                     moe_every=1, first_dense_layers=1)
 OPTIONS = {

@@ -18,15 +18,6 @@ from moe_train.moe.router import Router, limit_to_groups
 D_MODEL, BATCH, SEQ = 8, 3, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is 100x faster than two on a busy 2-core machine (no
-    spinning OpenMP workers); restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 OPTIONS = {  # name -> MoEConfig overrides (num_experts 4 unless given)
     "sigmoid_k2": dict(score_func="sigmoid", top_k=2),
     "sigmoid_k1_unnormalised": dict(score_func="sigmoid", top_k=1),
