@@ -183,7 +183,6 @@ def init_single_process_gloo() -> None:
 
 def deepspeed_step(x_TD: Tensor, d_ff: int, num_experts: int) -> Optional[Callable[[], None]]:
     try:
-        import deepspeed
         from deepspeed.accelerator import get_accelerator
         from deepspeed.moe.layer import MoE
     except ImportError as err:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,8 +183,3 @@ def set_lr(engine: Engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
-
-def grad_norm_after_step(engine: Engine) -> Optional[float]:
-    """The global gradient norm DeepSpeed measured in the last step (ZeRO 1/2)."""
-    norm = engine.ds.get_global_grad_norm()
-    return None if norm is None else float(norm)

@@ -14,12 +14,10 @@ rank stop after the current step, write one complete checkpoint and return
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import random
-import sys
 import threading
 import time
 import zlib
@@ -32,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moe_train import checkpoint as ckpt
-from moe_train.config import Config, check_vocab_fits, config_to_dict, validate
+from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
 from moe_train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
 from moe_train.engine import Engine, build_engine, set_lr
 from moe_train.metrics import (MetricsWriter, RoutingMonitor, StepTimer, format_console_line,
@@ -377,7 +375,20 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
             dist.destroy_process_group()
 
 
-def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool) -> TrainResult:
+def _report_skip(run: _Run, state: ckpt.TrainState, in_a_row: int, last_saved) -> None:
+    """Warns about a skipped step; too many in a row end the run naming the step."""
+    limit = run.cfg.train.max_skipped_in_a_row
+    run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
+              f"({in_a_row} in a row, {state.skipped_steps} in all)")
+    if in_a_row >= limit:
+        raise RuntimeError(f"step {state.step}: {in_a_row} non-finite steps in a row "
+                           f"(train.max_skipped_in_a_row = {limit}); stopping without checkpointing "
+                           f"the non-finite state; the last checkpoint is {last_saved or 'none from this run'}")
+
+
+def _setup(run: _Run, resume: str, loaders):
+    """Model (weights from the checkpoint, if resuming, before the engine exists so ZeRO's
+    fp32 master starts from them), engine, data, and the restored state."""
     cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
     path = _broadcast_choice(ckpt.find_checkpoint(cfg.checkpoint.dir, resume) if env.rank == 0 else None, env)
     model = build_model(cfg, groups, device)
@@ -395,7 +406,13 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
         _restore(run, path, engine, loader, state)
     run.print(startup_report(cfg, env, groups.topology, engine, device, path))
     run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
-    run.writer.text("config", "```\n" + _yaml(cfg) + "\n```", state.step)
+    run.writer.text("config", "```\n" + dump_config(cfg) + "\n```", state.step)
+    return engine, loader, val_loader, state
+
+
+def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool) -> TrainResult:
+    cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
+    engine, loader, val_loader, state = _setup(run, resume, loaders)
     result = TrainResult(final_step=state.step, skipped_steps=state.skipped_steps)
     batches = _endless(loader)
     in_a_row, last_saved = 0, None
@@ -422,13 +439,7 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
             # [routing] selection-bias update (applied steps only) and routing tallies, every step
             update_selection_biases(engine.module, groups.dp, applied=not out.skipped, step=state.step)
             if out.skipped:
-                run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
-                          f"({in_a_row} in a row, {state.skipped_steps} in all)")
-                if in_a_row >= cfg.train.max_skipped_in_a_row:
-                    raise RuntimeError(f"step {state.step}: {in_a_row} non-finite steps in a row "
-                                       f"(train.max_skipped_in_a_row = {cfg.train.max_skipped_in_a_row}); "
-                                       f"stopping without checkpointing the non-finite state; the last "
-                                       f"checkpoint is {last_saved or 'none from this run'}")
+                _report_skip(run, state, in_a_row, last_saved)
             lr = engine.optimizer.param_groups[0]["lr"]
             if state.step % cfg.logging.every_steps == 0 or state.step == cfg.train.max_steps:
                 PHASE.enter("metrics all-reduce")
@@ -469,8 +480,3 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
         result.state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
     return result
 
-
-def _yaml(cfg: Config) -> str:
-    from moe_train.config import dump_config
-
-    return dump_config(cfg)

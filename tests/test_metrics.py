@@ -2,7 +2,6 @@
 the console line, memory and peak FLOP/s."""
 
 import math
-import os
 import re
 
 import pytest

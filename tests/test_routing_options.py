@@ -3,7 +3,6 @@ the selection bias, group-limited routing and the sequence-wise loss against the
 per-token reference (MOE_REFERENCE.md invariants 5 and 6), the -inf group mask, gates
 that never come from key - b, the bias's dtype, and the config checks."""
 
-import math
 
 import pytest
 import torch

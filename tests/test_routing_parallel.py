@@ -12,7 +12,6 @@
   rank, with and without activation checkpointing.
 """
 
-import pytest
 import torch
 import torch.distributed as dist
 

@@ -113,6 +113,16 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def expert_activation(h_xF: Tensor, g_xF: Tensor | None, activation: str) -> Tensor:
+    """The experts' activation: gelu (exact erf form) or relu of h; swiglu: silu(h) * g,
+    with g = x @ w3. Shared by the routed and the shared experts."""
+    if activation == "gelu":
+        return F_.gelu(h_xF)
+    if activation == "relu":
+        return F_.relu(h_xF)
+    return F_.silu(h_xF) * g_xF
+
+
 def _padded_rows_index(tokens_per_expert_E: Tensor, rows_per_expert: int) -> Tensor:
     """dest_N[i] = e * M + (i - start_e) for row i of expert e: its row in [E * M, D]."""
     num_experts = tokens_per_expert_E.shape[0]
@@ -181,11 +191,7 @@ class GroupedExperts(nn.Module):
                 f"first_global_expert_id={self.first_global_expert_id}")
 
     def _act(self, h_xF: Tensor, g_xF: Tensor | None) -> Tensor:
-        if self.activation == "gelu":
-            return F_.gelu(h_xF)  # exact erf form
-        if self.activation == "relu":
-            return F_.relu(h_xF)
-        return F_.silu(h_xF) * g_xF
+        return expert_activation(h_xF, g_xF, self.activation)
 
     def expert_forward(self, e: int, x_nD: Tensor) -> Tensor:
         """Plain per-expert math for local expert ``e`` (the slow reference).

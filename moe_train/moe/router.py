@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from moe_train.config import MoEConfig

@@ -19,8 +19,9 @@ count once in the gradient norm. Capacity, balance losses and biases do not see 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F_
 from torch import Tensor, nn
+
+from moe_train.moe.experts import expert_activation
 
 
 class SharedExpert(nn.Module):
@@ -45,13 +46,8 @@ class SharedExpert(nn.Module):
     def ffn(self, x_TD: Tensor) -> Tensor:
         """The ungated FFN in the dtype of ``x_TD`` (the autocast dtype under autocast)."""
         h_TF = x_TD @ self.w1_DF.to(x_TD.dtype)
-        if self.activation == "gelu":
-            h_TF = F_.gelu(h_TF)
-        elif self.activation == "relu":
-            h_TF = F_.relu(h_TF)
-        else:
-            h_TF = F_.silu(h_TF) * (x_TD @ self.w3_DF.to(x_TD.dtype))
-        return h_TF @ self.w2_FD.to(x_TD.dtype)
+        g_TF = x_TD @ self.w3_DF.to(x_TD.dtype) if self.w3_DF is not None else None
+        return expert_activation(h_TF, g_TF, self.activation) @ self.w2_FD.to(x_TD.dtype)
 
     def gate(self, x_TD: Tensor) -> Tensor:
         """g_T = sigmoid(x_TD @ w_D) in fp32, [T, 1]; None when ungated."""
