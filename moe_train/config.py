@@ -43,7 +43,11 @@ def _fail(key: str, value: Any, why: str) -> None:
 
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
+POSITIONS = ("learned", "rope", "alibi")
+ATTENTIONS = ("full", "sliding_window", "local_block", "longformer")
+ATTENTION_IMPLS = ("auto", "flex", "sdpa")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+SHARE_LAYERS = ("none", "attention", "mlp", "all")
 MLP_ACTIVATIONS = ("gelu", "swiglu")
 
 
@@ -69,6 +73,28 @@ class ModelConfig:
     dropout: float = 0.0  # embedding, attention-probability and residual-branch dropout
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # ALBERT (Lan et al. 2019). Factorised embeddings: a V x E table and an E -> D
+    # projection (tied with the head through the same factorisation); null: E = d_model.
+    embed_dim: Optional[int] = None
+    # Cross-layer parameter sharing: none, attention, mlp (with MoE blocks: the experts
+    # and router) or all; in groups of share_group_size consecutive blocks (0: one group).
+    share_layers: str = "none"
+    share_group_size: int = 0
+    # Attention pattern, causal in every case: full; sliding_window (each query sees the
+    # last `window` keys, itself included); local_block (blocks of `window` tokens, each
+    # sees its own block); longformer (sliding window plus the first `global_tokens`
+    # tokens of the sequence, which attend causally to everything before them).
+    attention: str = "full"
+    window: int = 256
+    global_tokens: int = 0
+    attention_impl: str = "auto"  # auto: flex_attention where it runs, else SDPA + a mask
+    # Per-head RMSNorm on q and k before the rotary positions (Qwen3, OLMoE).
+    qk_norm: bool = False
+    # Rotary scaling to extend the context after pretraining: none, linear (position
+    # interpolation), ntk (NTK-aware base change) or yarn; factor = new / original length.
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_len: Optional[int] = None  # yarn: the pretraining length (null: max_seq_len / factor)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
@@ -97,6 +123,30 @@ class ModelConfig:
                   f"must be in [0, model.num_layers = {self.num_layers}]")
         if not 0.0 <= self.dropout < 1.0:
             _fail("model.dropout", self.dropout, "must be in [0, 1)")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        if self.embed_dim is not None and not 0 < self.embed_dim <= self.d_model:
+            _fail("model.embed_dim", self.embed_dim, f"must be in (0, model.d_model = {self.d_model}], or null")
+        _choice("model.share_layers", self.share_layers, SHARE_LAYERS)
+        if self.share_group_size < 0 or (self.share_group_size and self.num_layers % self.share_group_size):
+            _fail("model.share_group_size", self.share_group_size,
+                  f"must be 0 (one group) or divide model.num_layers ({self.num_layers})")
+        _choice("model.attention", self.attention, ATTENTIONS)
+        _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.attention != "full" and self.window < 1:
+            _fail("model.window", self.window, f"must be >= 1 for model.attention = {self.attention}")
+        if self.global_tokens < 0 or (self.global_tokens and self.attention != "longformer"):
+            _fail("model.global_tokens", self.global_tokens, "must be >= 0, and is used by "
+                  "model.attention = longformer only")
+        _choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                _fail("model.rope_scaling", self.rope_scaling, f"needs model.position = rope, got {self.position!r}")
+            if not self.rope_scaling_factor >= 1.0:
+                _fail("model.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1")
+        if self.rope_original_max_len is not None and self.rope_original_max_len <= 0:
+            _fail("model.rope_original_max_len", self.rope_original_max_len, "must be > 0 or null")
 
     @property
     def head_dim(self) -> int:
@@ -297,6 +347,9 @@ class TrainConfig:
     # A routing alarm (logging.dead_expert_steps, logging.max_drop_frac) stops the run
     # with a checkpoint and an error naming the layer and experts.
     stop_on_routing_alarm: bool = False
+    # Bit-identical reruns with the same seed and layout (CPU); on CUDA it also turns on
+    # PyTorch's deterministic algorithms and names the ops that could not comply.
+    deterministic: bool = False
 
     def validate(self) -> None:
         for name in ("grad_accum_steps", "max_steps", "max_skipped_in_a_row"):
@@ -317,8 +370,13 @@ class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: int = 0  # 0: only at the end and on preemption
     keep_last: int = 2
+    # Also write the layout-free canonical checkpoint (any world size / ep) every n
+    # steps and at the end; 0: off (convert later with `moe-train ckpt canonical`).
+    canonical_every_steps: int = 0
 
     def validate(self) -> None:
+        if self.canonical_every_steps < 0:
+            _fail("checkpoint.canonical_every_steps", self.canonical_every_steps, "must be >= 0")
         if not self.dir:
             _fail("checkpoint.dir", self.dir, "must be a non-empty path")
         if self.every_steps < 0:

@@ -62,7 +62,8 @@ class Attention(nn.Module):
 
     One fused projection ``qkv``: D -> (H + 2G) * K, columns [q | k | v] (for G = H this is
     the former [D, 3D] layout). Attention-probability dropout through SDPA's
-    ``dropout_p`` in training only.
+    ``dropout_p`` in training only. ``model.qk_norm``: an RMSNorm over K (one weight [K]
+    shared by the heads) on q and on k, before the rotary positions (Qwen3, OLMoE).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -71,6 +72,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, S, D = x_BSD.shape
@@ -79,6 +82,8 @@ class Attention(nn.Module):
         q_BHSK = q.view(B, S, H, K).transpose(1, 2)
         k_BGSK = k.view(B, S, G, K).transpose(1, 2)
         v_BGSK = v.view(B, S, G, K).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHSK, k_BGSK = self.q_norm(q_BHSK), self.k_norm(k_BGSK)
         if rope is not None:
             q_BHSK, k_BGSK = apply_rope(q_BHSK, *rope), apply_rope(k_BGSK, *rope)
         # enable_gqa: query head h reads key/value head h // (H / G), as repeat_interleave.

@@ -49,8 +49,9 @@ def _mlp_mult(activation: str) -> int:
 
 
 def _block_params(cfg: ModelConfig) -> int:
-    """Norms, attention ([D, (H + 2G) K] qkv and [D, D] proj); no MLP."""
-    norms = 2 * cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+    """Norms, attention ([D, (H + 2G) K] qkv and [D, D] proj, per-head q/k norms [K]
+    each with ``qk_norm``); no MLP."""
+    norms = 2 * cfg.d_model * (2 if cfg.norm == "layernorm" else 1) + (2 * cfg.head_dim if cfg.qk_norm else 0)
     attn = cfg.d_model * (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.d_model ** 2
     return norms + attn
 
