@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
+from moe_train import commands
 from moe_train.checkpoint import CheckpointError
 from moe_train.config import check_vocab_fits, deepspeed_config, dump_config, load_config, validate
-
-
-# Modules that define further subcommands: each has ``register(subparsers)``, which adds
-# its parser(s) with ``set_defaults(func=...)``; heavy imports stay inside the functions.
-PLUGIN_COMMANDS: tuple[str, ...] = ()
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -259,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--tokenizer", default="", help="sentencepiece .model (default: the one in the "
                                                      "training manifest)")
     gen.set_defaults(func=cmd_generate)
-    for module in PLUGIN_COMMANDS:  # each adds its own subcommand(s) with register(sub)
-        importlib.import_module(module).register(sub)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)  # see moe_train/commands
     args = parser.parse_args(argv)
     try:
         return args.func(args)
