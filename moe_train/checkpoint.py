@@ -5,7 +5,9 @@ Layout under ``checkpoint.dir``::
     latest                      "step_00000020": the newest COMPLETE checkpoint, written last
     step_00000020/
       meta.json                 step, tokens, topology, resolved config, versions, git commit,
-                                every file with its size (written last, before the rename)
+                                every file with its size, and the manifest: every file's
+                                CRC-32 and every tensor's shape, dtype and CRC-32
+                                (moe_train/manifest.py); written last, before the rename
       model_dense.pt            rank 0: every non-expert parameter and buffer, by name
       experts_ep000.pt ...      ranks 0..ep-1 (one per expert-parallel position): that rank's
                                 expert tensors [E_local, ...] and the first global expert id
@@ -19,6 +21,15 @@ rank (disk full, permissions) removes the temporary directory on every rank's sa
 raises ``CheckpointError`` on all ranks; the previous checkpoint and ``latest`` are
 untouched. A writer killed mid-save leaves only a ``.tmp_`` directory, which
 ``find_checkpoint`` ignores.
+
+A weights-only checkpoint (``save_weights_checkpoint``: upcycling, pruning, quantizing,
+import) has the same model files, ``"weights_only": true`` in meta.json and no rank
+files; a resume from it starts the optimizer fresh and says so.
+
+Verify: ``verify_checkpoint`` checks every file against the manifest without a model;
+``--resume PATH`` refuses a checkpoint that fails it, naming the file and tensor, and
+``--resume auto`` skips it (warning) for the newest one that passes. Every load also
+compares the tensors it read with the manifest.
 
 Load: model weights are loaded BEFORE the DeepSpeed engine is built (so ZeRO's fp32
 master copy starts from them), experts by GLOBAL expert id from whichever files hold
@@ -46,11 +57,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_train import manifest as mf
 from moe_train.parallel.grads import is_expert_param
 from moe_train.parallel.topology import Topology
 
 log = logging.getLogger("moe_train.checkpoint")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json carries a manifest
 LATEST = "latest"
 # Config values a checkpoint's weights are shaped by: a resume with another value fails.
 SHAPE_KEYS = (("model", "vocab_size"), ("model", "d_model"), ("model", "num_layers"),
@@ -122,20 +134,50 @@ def find_checkpoint(root: str | Path, resume: str) -> Optional[Path]:
         return None
     if resume != "auto":
         path = Path(resume)
-        if not is_complete(path):
-            raise CheckpointError(f"--resume {resume}: not a complete checkpoint directory "
-                                  f"(meta.json missing or files missing/truncated)")
+        problems = verify_checkpoint(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `moe-train ckpt verify {path}` lists them)" \
+                if len(problems) > 1 else ""
+            raise CheckpointError(f"--resume {resume}: {problems[0]}{more}")
         return path
     root = Path(root)
     pointer = root / LATEST
+    candidates = [p for p, _, ok in reversed(list_checkpoints(root)) if ok]
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
+        named = root / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+        elif named.exists() or pointer.read_text().strip():
+            log.warning("%s points at %s, which is incomplete; scanning for the newest complete one",
+                        pointer, named)
+    for candidate in candidates:
+        problems = verify_checkpoint(candidate)
+        if not problems:
             return candidate
-        log.warning("%s points at %s, which is incomplete; scanning for the newest complete one",
-                    pointer, candidate)
-    complete = [p for p, _, ok in list_checkpoints(root) if ok]
-    return complete[-1] if complete else None
+        log.warning("--resume auto: skipping %s, which fails verification: %s", candidate, problems[0])
+        print(f"WARNING: --resume auto: skipping {candidate}: {problems[0]}", flush=True)
+    return None
+
+
+def _load_any(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=not path.name.startswith("rank"))
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """Every problem of the checkpoint at ``path`` against its manifest (empty: it is
+    sound): meta.json unreadable or not complete, a file missing, truncated or corrupted,
+    a tensor missing, extra, reshaped or corrupted. Reads every file; needs no model."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None:
+        return [f"{path}: no readable meta.json (not a checkpoint, or a save that never finished)"]
+    if not meta.get("complete"):
+        return [f"{path}: meta.json does not mark the checkpoint complete"]
+    if "manifest" not in meta:
+        return [f"{path}: no manifest (written before checkpoint format 2); it cannot be verified"]
+    present = [p.name for p in path.iterdir() if p.is_file()]
+    return mf.verify_files(path, meta["manifest"], _load_any, present)
 
 
 # ---------------------------------------------------------------------------- save
@@ -184,6 +226,21 @@ def _write(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _write_listed(directory: Path, name: str, obj: Any) -> dict[str, dict]:
+    """Writes ``obj`` to ``directory/name``; returns its manifest entry."""
+    path = directory / name
+    _write(path, obj)
+    return {name: mf.file_entry(path, obj)}
+
+
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _agree(error: Optional[str], world: int) -> list[Optional[str]]:
     """Every rank's error (None for success); a collective."""
     if world == 1:
@@ -214,23 +271,27 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
     except OSError as err:
         error = f"rank {rank}: cannot create {tmp}: {err}"
     _check(_agree(error, world), state.step, root, tmp, rank)
+    entries: dict[str, dict] = {}
     try:
         dense, experts = split_state(model)
         if rank == 0:
-            _write(tmp / "model_dense.pt", dense)
+            entries.update(_write_listed(tmp, "model_dense.pt", dense))
         if rank < topo.ep_size:  # the first EP group holds every expert once
-            _write(tmp / f"experts_ep{rank:03d}.pt",
-                   {"first_expert": topo.local_experts(rank).start, "tensors": experts})
-        _write(tmp / f"rank{rank:05d}.pt", {"optimizer": optimizer.state_dict(), "rng": rng_state()})
+            entries.update(_write_listed(tmp, f"experts_ep{rank:03d}.pt",
+                                         {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
+        entries.update(_write_listed(tmp, f"rank{rank:05d}.pt",
+                                     {"optimizer": optimizer.state_dict(), "rng": rng_state()}))
         if fault_hook is not None:
             fault_hook("save", tmp)
     except OSError as err:
         error = f"rank {rank}: writing into {tmp} failed: {err}"
     _check(_agree(error, world), state.step, root, tmp, rank)
     error = None
+    listed = _gather(entries, world)
     if rank == 0:
         try:
-            _publish(root, tmp, final, state, topo, config, keep_last)
+            _publish(root, tmp, final, state, topo, config, keep_last,
+                     manifest=mf.build_manifest({k: v for part in listed for k, v in part.items()}))
         except OSError as err:
             error = f"rank 0: publishing {final} failed: {err}"
     _check(_agree(error, world), state.step, root, tmp, rank)
@@ -250,13 +311,14 @@ def _check(errors: list, step: int, root: Path, tmp: Path, rank: int) -> None:
 
 
 def _publish(root: Path, tmp: Path, final: Path, state: TrainState, topo: Topology,
-             config: dict, keep_last: int) -> None:
+             config: dict, keep_last: int, manifest: dict, extra: Optional[dict] = None) -> None:
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    meta = {"format": FORMAT_VERSION, "complete": True, "step": state.step,
+    meta = {"format": FORMAT_VERSION, "complete": True, "step": state.step, **(extra or {}),
             "tokens_seen": state.tokens_seen, "train_state": asdict(state),
             "topology": {"world_size": topo.world_size, "ep_size": topo.ep_size,
                          "num_experts": topo.num_experts},
-            "config": config, "versions": _provenance(), "saved_at": time.time(), "files": files}
+            "config": config, "versions": _provenance(), "saved_at": time.time(), "files": files,
+            "manifest": manifest}
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=1, default=str)
         f.flush()
@@ -289,12 +351,13 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
 def load_model_weights(path: Path, model: nn.Module, topo: Topology, rank: int) -> None:
     """Loads dense tensors and this rank's experts (by global expert id) into ``model``;
     a missing or unexpected tensor, or a shape mismatch, raises naming it."""
-    dense_saved = torch.load(path / "model_dense.pt", map_location="cpu", weights_only=True)
+    meta = read_meta(path) or {}
+    manifest = meta.get("manifest")
+    dense_saved = _load_checked(path, "model_dense.pt", manifest, rank)
     dense_now, experts_now = split_state(model)
     _compare_names("dense", set(dense_saved), set(dense_now), path)
-    meta = read_meta(path) or {}
     saved_ep = meta["topology"]["ep_size"]
-    files = [torch.load(path / f"experts_ep{i:03d}.pt", map_location="cpu", weights_only=True)
+    files = [_load_checked(path, f"experts_ep{i:03d}.pt", manifest, rank)
              for i in _expert_files_for(topo.local_experts(rank), topo.num_experts, saved_ep)]
     if experts_now:
         names = set(files[0]["tensors"]) if files else set()
@@ -320,6 +383,13 @@ def load_model_weights(path: Path, model: nn.Module, topo: Topology, rank: int) 
     model.load_state_dict(state, strict=True)
 
 
+def _load_checked(path: Path, name: str, manifest: Optional[dict], rank: int) -> Any:
+    """torch.load of one checkpoint file, compared tensor by tensor with the manifest."""
+    obj = _load_any(path / name)
+    mf.check_loaded(manifest, name, obj, f"rank {rank}: checkpoint {path}")
+    return obj
+
+
 def _expert_files_for(experts: range, num_experts: int, saved_ep: int) -> list[int]:
     per_file = num_experts // saved_ep
     return sorted({g // per_file for g in experts})
@@ -334,13 +404,13 @@ def _compare_names(kind: str, saved: set, expected: set, path: Path) -> None:
 
 def same_layout(meta: dict, topo: Topology, config: dict) -> bool:
     saved_topo, saved_cfg = meta["topology"], meta.get("config", {})
-    return (saved_topo["world_size"] == topo.world_size and saved_topo["ep_size"] == topo.ep_size
+    return (not meta.get("weights_only") and saved_topo["world_size"] == topo.world_size and saved_topo["ep_size"] == topo.ep_size
             and saved_cfg.get("parallel", {}).get("zero_stage") == config["parallel"]["zero_stage"]
             and saved_cfg.get("train", {}).get("dtype") == config["train"]["dtype"])
 
 
 def load_rank_state(path: Path, rank: int) -> dict:
-    return torch.load(path / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+    return _load_checked(path, f"rank{rank:05d}.pt", (read_meta(path) or {}).get("manifest"), rank)
 
 
 def load_optimizer_state(optimizer, saved: dict, world: int) -> None:
@@ -353,3 +423,57 @@ def load_optimizer_state(optimizer, saved: dict, world: int) -> None:
         optimizer.load_state_dict([saved] * world, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         optimizer.load_state_dict(saved)
+
+
+# ------------------------------------------------------------- weights-only checkpoints
+
+
+def save_weights_checkpoint(root: str | Path, *, dense: dict, experts: dict, num_experts: int,
+                            config: dict, state: TrainState, origin: str,
+                            extra_files: Optional[dict[str, Any]] = None) -> Path:
+    """Writes a checkpoint of model weights only, from one process, under ``root`` as
+    ``step_N`` (N = ``state.step``) with ``latest`` pointing at it, so that
+    ``train --resume auto`` (with ``checkpoint.dir = root``) or ``--resume root/step_N``
+    loads it at any world size and ep dividing ``num_experts``; the optimizer starts
+    fresh (the resume says so) and the data position continues from
+    ``state.loader_states``.
+
+    Args:
+        dense: every non-expert parameter and buffer, by the model's state-dict name.
+        experts: every expert tensor stacked over ALL experts, ``[E, ...]``.
+        origin: what made it ("upcycled from ...", "pruned from ..."), recorded in meta.
+        extra_files: further ``name -> object`` files (e.g. quantization scales), listed in
+            the manifest like the rest.
+    """
+    from moe_train.parallel.topology import Topology
+
+    root = Path(root)
+    name = step_dir_name(state.step)
+    tmp, final = root / f".tmp_{name}", root / name
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        entries = _write_listed(tmp, "model_dense.pt", dense)
+        entries.update(_write_listed(tmp, "experts_ep000.pt", {"first_expert": 0, "tensors": experts}))
+        for file_name, obj in (extra_files or {}).items():
+            entries.update(_write_listed(tmp, file_name, obj))
+        _publish(root, tmp, final, state, Topology(1, 1, num_experts), config, keep_last=10 ** 9,
+                 manifest=mf.build_manifest(entries), extra={"weights_only": True, "origin": origin})
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing the checkpoint {final} failed: {err}; nothing was published") from err
+    return final
+
+
+def save_model_checkpoint(root: str | Path, model: nn.Module, config: dict, state: TrainState,
+                          origin: str) -> Path:
+    """``save_weights_checkpoint`` of a single-process model holding every expert."""
+    dense, experts = split_state(model)
+    num_experts = config["moe"]["num_experts"]
+    for name, t in experts.items():
+        if t.shape[0] != num_experts:
+            raise ValueError(f"{name} holds {t.shape[0]} experts, not moe.num_experts = {num_experts}: "
+                             f"save_model_checkpoint needs a model with every expert (ep 1)")
+    return save_weights_checkpoint(root, dense=dense, experts=experts, num_experts=num_experts,
+                                   config=config, state=state, origin=origin)

@@ -173,9 +173,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    """Lists a run's checkpoints: step, tokens, topology, complete or not, size."""
+    """Lists a run's checkpoints (step, tokens, topology, complete or not, size), or
+    verifies checkpoints against their manifests (``ckpt verify PATH``)."""
     from moe_train.checkpoint import LATEST, list_checkpoints
 
+    if args.action == "verify":
+        return _verify(args.path or args.dir)
+    if args.path:
+        raise ValueError(f"`ckpt {args.path}`: the only actions are list (default) and verify PATH")
     root = args.dir
     if args.config:
         root = load_config(args.config, args.overrides).checkpoint.dir
@@ -198,6 +203,38 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
               f"{topo.get('world_size', '?'):>5} {topo.get('ep_size', '?'):>3} {size:>8.1f}  {status}"
               if meta else f"{path.name:<24} {'?':>8} {'?':>14} {'?':>5} {'?':>3} {size:>8.1f}  {status}")
     return 0
+
+
+def _verify(target: str | None) -> int:
+    """Checks one checkpoint (a step directory) or every checkpoint under a
+    checkpoint.dir against its manifest, without loading a model. Exit 0 when all pass,
+    3 when any fails (each problem on its own line)."""
+    from moe_train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+
+    if not target:
+        raise ValueError("ckpt verify needs a checkpoint directory: moe-train ckpt verify PATH")
+    path = Path(target)
+    if not path.exists():
+        raise ValueError(f"ckpt verify {target}: no such directory")
+    steps = [path] if (path / "meta.json").is_file() else [p for p, _, _ in list_checkpoints(path)
+                                                            if p.name.startswith("step_")]
+    if not steps:
+        raise ValueError(f"ckpt verify {target}: neither a checkpoint (no meta.json) nor a directory of them")
+    failed = 0
+    for step_dir in steps:
+        problems = verify_checkpoint(step_dir)
+        meta = read_meta(step_dir) or {}
+        files = meta.get("manifest", {}).get("files", {})
+        tensors = sum(len(f["tensors"]) for f in files.values())
+        if problems:
+            failed += 1
+            print(f"FAILED  {step_dir}: {len(problems)} problem(s)")
+            for problem in problems:
+                print(f"  - {problem}")
+        else:
+            kind = "weights only" if meta.get("weights_only") else "weights + optimizer + RNG"
+            print(f"OK      {step_dir}: {len(files)} files, {tensors} tensors match the manifest ({kind})")
+    return 3 if failed else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -232,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                             "PATH: that checkpoint; none: start fresh")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
-    ck = sub.add_parser("ckpt", help="list a run's checkpoints (step, tokens, topology, complete)")
+    ck = sub.add_parser("ckpt", help="list a run's checkpoints (step, tokens, topology, complete), "
+                                     "or verify them: ckpt verify PATH")
+    ck.add_argument("action", nargs="?", default="list", choices=["list", "verify"],
+                    help="list (default), or verify PATH against its manifest (no model, no GPU)")
+    ck.add_argument("path", nargs="?", default=None, help="verify: a step_N directory or a checkpoint.dir")
     ck.add_argument("--dir", default=None, help="checkpoint directory (checkpoint.dir)")
     ck.add_argument("--config", default=None, help="or: read checkpoint.dir from this config")
     ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

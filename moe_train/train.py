@@ -326,6 +326,13 @@ def _restore(run: _Run, path: Path, engine: Engine, loader, state: ckpt.TrainSta
         ckpt.set_rng_state(rank_state["rng"])
         loader.load_state_dict(saved["loader_states"][run.rank])
         run.print(f"resumed from {path} at step {state.step}: weights, optimizer, RNG and data position")
+    elif meta.get("weights_only"):
+        if saved["loader_states"]:
+            loader.load_state_dict(saved["loader_states"][0])
+        run.print(f"resumed from {path} at step {state.step}: a weights-only checkpoint "
+                  f"({meta.get('origin', 'no origin recorded')}): every weight loaded and verified; the "
+                  f"optimizer state starts fresh; data position "
+                  f"{'continued' if saved['loader_states'] else 'starts at the beginning'}")
     else:
         old = meta["topology"]
         loader.load_state_dict(saved["loader_states"][0])
