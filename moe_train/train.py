@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from moe_train import checkpoint as ckpt
+from moe_train import determinism
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
 from moe_train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
 from moe_train.engine import Engine, build_engine, set_lr
@@ -244,6 +245,7 @@ class _Run:
         self.layer_ids = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
         self.flops_per_token = _flops_per_token(cfg)
         self.peak_flops = None
+        self.determinism = determinism.Determinism(False)
 
     def print(self, text: str) -> None:
         if self.rank == 0:
@@ -367,16 +369,19 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
     watchdog = Watchdog(cfg.parallel.timeout_s).start()
     env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
                                    env=env, always_group=True)
+    det = determinism.configure(cfg.train.deterministic, device)
     try:
         topo = Topology(env.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
         groups = build_groups(topo, env.rank)
         run = _Run(cfg, env, device, groups, plan)
+        run.determinism = det
         if loaders is None:
             def loaders(rank, world):
                 return (build_train_loader(cfg.data, rank, world),
                         build_val_loader(cfg.data, rank, world) if cfg.train.eval_every else None)
         return _train(run, resume, stop, loaders, keep_state)
     finally:
+        determinism.restore(det)
         watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -483,6 +488,8 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     run.print(f"done: step {state.step}/{cfg.train.max_steps}, {state.tokens_seen:,} tokens, "
               f"{state.skipped_steps} skipped steps; last checkpoint {result.checkpoint}; "
               f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
+    if cfg.train.deterministic:
+        run.print(run.determinism.report())
     if keep_state:
         result.state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
     return result
