@@ -65,7 +65,7 @@ class ModelConfig:
     mlp_activation: str = "gelu"  # dense MLP: gelu, or swiglu = down(silu(gate(x)) * up(x))
     norm: str = "layernorm"  # or rmsnorm
     norm_eps: float = 1e-5
-    position: str = "learned"  # learned absolute embeddings, or rope (rotary, on q and k)
+    position: str = "learned"  # learned absolute embeddings, rope (rotary, on q and k) or alibi (score bias)
     rope_theta: float = 10000.0
     max_seq_len: int = 1024
     moe_every: int = 2  # block i has an MoE MLP when (i + 1) % moe_every == 0; 0 = no MoE
@@ -134,6 +134,9 @@ class ModelConfig:
                   f"must be 0 (one group) or divide model.num_layers ({self.num_layers})")
         _choice("model.attention", self.attention, ATTENTIONS)
         _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.attention_impl == "flex" and self.dropout > 0:
+            _fail("model.attention_impl", self.attention_impl, f"flex_attention has no attention dropout: "
+                  f"set model.dropout = 0 (got {self.dropout}), or use sdpa or auto")
         if self.attention != "full" and self.window < 1:
             _fail("model.window", self.window, f"must be >= 1 for model.attention = {self.attention}")
         if self.global_tokens < 0 or (self.global_tokens and self.attention != "longformer"):

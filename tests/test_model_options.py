@@ -137,7 +137,7 @@ def test_first_dense_layers_placement_and_validation():
     ("model.num_kv_heads=3", "model.num_kv_heads = 3: must be >= 1 and divide model.num_heads (4)"),
     ("model.num_kv_heads=0", "model.num_kv_heads = 0"),
     ("model.norm=batchnorm", "model.norm = 'batchnorm': must be one of layernorm, rmsnorm"),
-    ("model.position=alibi", "model.position = 'alibi': must be one of learned, rope"),
+    ("model.position=sinusoidal", "model.position = 'sinusoidal': must be one of learned, rope, alibi"),
     ("model.mlp_activation=relu", "model.mlp_activation = 'relu'"),
     ("model.dropout=1.0", "model.dropout = 1.0: must be in [0, 1)"),
     ("model.rope_theta=0", "model.rope_theta = 0.0: must be > 0"),

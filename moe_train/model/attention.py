@@ -1,0 +1,288 @@
+"""Causal attention patterns (full, sliding window, local block, Longformer) and ALiBi,
+on PyTorch's flex_attention or on SDPA with explicit masks.
+
+Shape legend: B batch, H query heads, G key/value heads (H % G == 0), S sequence, K head
+dim, N number of query chunks, C chunk length, J keys per chunk.
+
+Which keys query i may read (``model.attention``; positions 0-based, W ``model.window``,
+g ``model.global_tokens``), always causal (j <= i):
+
+  full            every j <= i
+  sliding_window  i - j < W: the last W tokens, itself included (Mistral's window)
+  local_block     i // W == j // W: the tokens of its own block of W, up to itself
+  longformer      i - j < W, or j < g: the window plus the first g tokens of the sequence
+                  (the global tokens). A global token (i < g) reads every j <= i, which
+                  the rule already says since then j <= i < g. Causal Longformer: the
+                  original's global tokens also read the future, which a decoder cannot.
+
+ALiBi (``model.position: alibi``, Press et al. 2021): no position embedding; head h adds
+``-m_h * (i - j)`` to the scaled score of query i and key j (m_h from ``alibi_slopes``),
+whatever the pattern.
+
+Implementations (``model.attention_impl``; ``resolve_impl`` decides "auto"):
+
+  flex   ``torch.nn.attention.flex_attention``, compiled, with a block mask built once per
+         (pattern, length, device) by ``create_block_mask`` (blocks that the pattern
+         masks out entirely are skipped, so a window costs O(S W)), ALiBi as a
+         ``score_mod``. No attention dropout. On CPU (torch 2.13) it has a compiled
+         forward but no backward: usable for evaluation and generation only.
+  sdpa   ``F.scaled_dot_product_attention``. Full attention without ALiBi: ``is_causal``
+         (FlashAttention-style kernels, unchanged from before this module). A local
+         pattern (window, block, Longformer) on a sequence longer than two chunks: the
+         queries in chunks of C (a multiple of W, at least ``MIN_CHUNK``), each chunk
+         against its J keys (its own chunk and, except for local_block, the previous
+         one; plus the global tokens) with an explicit [C, J] mask, all chunks in one
+         SDPA call: O(S C) time and memory, autograd and dropout as for any SDPA call.
+         Otherwise one dense [S, S] mask (bool; float with ALiBi).
+  sdpa_dense  (not a config value: tests and benchmarks/attention.py) always the dense
+         [S, S] mask: the quadratic baseline a windowed pattern is measured against.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PATTERNS = ("full", "sliding_window", "local_block", "longformer")
+MIN_CHUNK = 64  # smallest query chunk of the blocked SDPA path: fewer, larger SDPA problems
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """Which keys each query reads (module docstring). Hashable: the block-mask cache key."""
+
+    kind: str = "full"
+    window: int = 0
+    global_tokens: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "AttentionPattern":
+        """From ``ModelConfig`` (``attention``, ``window``, ``global_tokens``)."""
+        if cfg.attention == "full":
+            return cls("full")
+        return cls(cfg.attention, cfg.window, cfg.global_tokens if cfg.attention == "longformer" else 0)
+
+    def __post_init__(self):
+        assert self.kind in PATTERNS, self.kind
+        assert self.kind == "full" or self.window >= 1, self
+
+    def allowed(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """Boolean "query q_idx may read key kv_idx", broadcasting; also flex_attention's
+        ``mask_mod`` (only tensor ops, no data-dependent Python control flow)."""
+        causal = q_idx >= kv_idx
+        if self.kind == "full":
+            return causal
+        if self.kind == "local_block":
+            return causal & (q_idx // self.window == kv_idx // self.window)
+        near = q_idx - kv_idx < self.window
+        if self.kind == "longformer":
+            near = near | (kv_idx < self.global_tokens)
+        return causal & near
+
+    def dense_mask(self, seq_len: int, device=None) -> Tensor:
+        """[S, S] boolean mask, True where query i may read key j."""
+        idx_S = torch.arange(seq_len, device=device)
+        return self.allowed(idx_S[:, None], idx_S[None, :])
+
+    @property
+    def chunk(self) -> int:
+        """Query chunk C of the blocked SDPA path: a multiple of the window, >= MIN_CHUNK.
+        C >= W lets a chunk's queries find every key they read in their own and the
+        previous chunk; for local_block, chunks made of whole blocks need only their own."""
+        return self.window * max(1, math.ceil(MIN_CHUNK / self.window))
+
+    def mean_keys_per_query(self, seq_len: int) -> float:
+        """Average number of keys a query reads over a sequence of ``seq_len``: the
+        attention-score FLOPs per token are 2 * 2 * D * this (QK^T and AV). Full causal
+        attention: (S + 1) / 2; a window W << S: about W."""
+        i_S = torch.arange(seq_len, dtype=torch.float64)
+        if self.kind == "full":
+            keys_S = i_S + 1
+        elif self.kind == "local_block":
+            keys_S = i_S % self.window + 1
+        else:
+            keys_S = torch.clamp(i_S + 1, max=self.window)
+            if self.global_tokens:  # global keys left of the window: j < g and j <= i - W
+                keys_S = keys_S + torch.clamp(i_S - self.window + 1, min=0, max=self.global_tokens)
+        return float(keys_S.mean())
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes m_h (Press et al. 2021, the authors' ``get_slopes``): for H a power
+    of two the geometric sequence m_h = 2^(-8 (h + 1) / H); otherwise the slopes of the
+    closest power of two below H, P, followed by every other slope of 2P (the odd-indexed
+    ones, 2^(-8 (2i + 1) / (2P))) until there are H. Also BLOOM's ``build_alibi_tensor``."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    if num_heads & (num_heads - 1) == 0:
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + power_of_two(2 * closest)[0::2][:num_heads - closest]
+
+
+def resolve_impl(requested: str, device: torch.device, dropout_p: float) -> str:
+    """The implementation "auto" stands for, decided once per module and device.
+
+    auto -> flex on CUDA when there is no attention dropout (flex_attention has none),
+    else sdpa. Why not flex on CPU: in torch 2.13 flex_attention has no backward on CPU
+    ("FlexAttention does not support backward on CPU"), so it cannot train there, and each
+    new (length, pattern) costs a 3-15 s compile that CPU runs of tiny models never earn
+    back; measured on this repo's CPU, the compiled forward is faster than SDPA + a dense
+    mask (benchmarks/attention.py --impls), so ``attention_impl: flex`` is allowed on CPU
+    for evaluation and generation. On CUDA, flex skips masked-out blocks in its fused
+    kernel, forward and backward.
+    """
+    if requested != "auto":
+        return requested
+    return "flex" if device.type == "cuda" and dropout_p == 0.0 else "sdpa"
+
+
+def attend(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: AttentionPattern,
+           impl: str = "sdpa", dropout_p: float = 0.0, alibi_H: Tensor | None = None,
+           chunk: int | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(K) + bias, masked by ``pattern``) v for every query head.
+
+    Args:
+        q_BHSK: queries; k_BGSK, v_BGSK: keys and values, G heads (query head h reads
+            key/value head h // (H / G), as ``repeat_interleave``).
+        pattern: which keys each query reads (always causal).
+        impl: "flex", "sdpa" or "sdpa_dense" (module docstring); not "auto".
+        dropout_p: attention-probability dropout (pass 0 in evaluation); sdpa only.
+        alibi_H: fp32 ALiBi slopes (``alibi_slopes``), or None.
+        chunk: the blocked path's query chunk (default ``pattern.chunk``); tests shrink it.
+    Returns:
+        out_BHSK.
+    """
+    if impl == "flex":
+        if dropout_p > 0:
+            raise ValueError("model.attention_impl = 'flex': flex_attention has no attention "
+                             "dropout; set model.dropout = 0 or model.attention_impl = sdpa")
+        return _flex(q_BHSK, k_BGSK, v_BGSK, pattern, alibi_H)
+    assert impl in ("sdpa", "sdpa_dense"), impl
+    gqa = k_BGSK.shape[1] != q_BHSK.shape[1]
+    S = q_BHSK.shape[2]
+    if pattern.kind == "full" and alibi_H is None and impl == "sdpa":
+        return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, is_causal=True,
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    chunk = chunk or (pattern.chunk if pattern.kind != "full" else 0)
+    if impl == "sdpa" and pattern.kind != "full" and S > 2 * chunk:
+        return _sdpa_blocked(q_BHSK, k_BGSK, v_BGSK, pattern, chunk, dropout_p, alibi_H)
+    idx_S = torch.arange(S, device=q_BHSK.device)
+    mask = _mask_or_bias(pattern, idx_S[:, None], idx_S[None, :], alibi_H, q_BHSK.dtype)
+    return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, attn_mask=mask,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _mask_or_bias(pattern: AttentionPattern, q_idx: Tensor, kv_idx: Tensor, alibi_H: Tensor | None,
+                  dtype: torch.dtype, valid: Tensor | None = None) -> Tensor:
+    """SDPA's attn_mask for query positions q_idx [..., Q, 1] and keys kv_idx [..., 1, J]:
+    boolean [..., Q, J] without ALiBi; with it, the float bias -m_h (i - j) where allowed and
+    -inf elsewhere, [..., H, Q, J] (a head axis inserted before the last two)."""
+    allowed = pattern.allowed(q_idx, kv_idx)
+    if valid is not None:
+        allowed = allowed & valid
+    if alibi_H is None:
+        return allowed
+    dist = (q_idx - kv_idx).to(torch.float32).unsqueeze(-3)  # [..., 1, Q, J]
+    bias = -alibi_H.to(dist.device)[:, None, None] * dist
+    return bias.masked_fill(~allowed.unsqueeze(-3), float("-inf")).to(dtype)
+
+
+def _sdpa_blocked(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: AttentionPattern,
+                  C: int, dropout_p: float, alibi_H: Tensor | None) -> Tensor:
+    """The local patterns in O(S C): query chunk n (positions nC .. nC + C - 1) reads the
+    keys of chunks n - 1 and n (local_block: n only; chunks are whole blocks, C % W == 0)
+    and, for Longformer, the g global keys; an explicit [C, J] mask per chunk. The
+    sequence is zero-padded to N C: padded keys come after every real query (causally
+    masked), padded queries are cut off; every query reads at least itself, so no row is
+    all -inf."""
+    assert C >= pattern.window and (pattern.kind != "local_block" or C % pattern.window == 0), (C, pattern)
+    B, H, S, K = q_BHSK.shape
+    G = k_BGSK.shape[1]
+    N = -(-S // C)
+    pad = N * C - S
+    dev = q_BHSK.device
+
+    def chunks(x_BXSK: Tensor) -> Tensor:  # [B, X, S, K] -> [B, N, X, C, K]
+        x_BXSK = F.pad(x_BXSK, (0, 0, 0, pad))
+        return x_BXSK.view(x_BXSK.shape[0], x_BXSK.shape[1], N, C, K).transpose(1, 2)
+
+    q_BNHCK, k_BNGCK, v_BNGCK = chunks(q_BHSK), chunks(k_BGSK), chunks(v_BGSK)
+    start_N = torch.arange(N, device=dev) * C
+    q_pos_NC = start_N[:, None] + torch.arange(C, device=dev)
+    if pattern.kind == "local_block":
+        k_BNGJK, v_BNGJK, kv_pos_NJ = k_BNGCK, v_BNGCK, q_pos_NC
+    else:  # the previous chunk, then this one (chunk -1 is zeros, masked by kv_pos < 0)
+        def with_previous(x: Tensor) -> Tensor:
+            return torch.cat((F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1], x), dim=-2)
+        k_BNGJK, v_BNGJK = with_previous(k_BNGCK), with_previous(v_BNGCK)
+        kv_pos_NJ = start_N[:, None] - C + torch.arange(2 * C, device=dev)
+    valid_NJ = kv_pos_NJ >= 0
+    g = min(pattern.global_tokens, S)
+    if g:  # global keys in front; one already inside the chunk's keys is read there only
+        expand = (B, N, G, g, K)
+        k_BNGJK = torch.cat((k_BGSK[:, None, :, :g].expand(expand), k_BNGJK), dim=-2)
+        v_BNGJK = torch.cat((v_BGSK[:, None, :, :g].expand(expand), v_BNGJK), dim=-2)
+        g_pos_Ng = torch.arange(g, device=dev).expand(N, g)
+        valid_NJ = torch.cat((g_pos_Ng < kv_pos_NJ[:, :1], valid_NJ), dim=1)
+        kv_pos_NJ = torch.cat((g_pos_Ng, kv_pos_NJ), dim=1)
+    mask = _mask_or_bias(pattern, q_pos_NC[:, :, None], kv_pos_NJ[:, None, :], alibi_H, q_BHSK.dtype,
+                         valid_NJ[:, None, :])
+    if alibi_H is None:
+        mask = mask[:, None]  # [N, 1, C, J]: one mask for every head
+    out_BNHCK = F.scaled_dot_product_attention(q_BNHCK, k_BNGJK, v_BNGJK, attn_mask=mask,
+                                               dropout_p=dropout_p, enable_gqa=G != H)
+    return out_BNHCK.transpose(1, 2).reshape(B, H, N * C, K)[:, :, :S]
+
+
+# ----------------------------------------------------------------------------- flex
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(pattern: AttentionPattern, seq_len: int, device: str):
+    """``create_block_mask`` of the pattern for one length and device, built once (cached):
+    it evaluates the mask on the whole [S, S] grid, which costs far more than it should per
+    forward. Batch and head independent (B = H = None)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return pattern.allowed(q_idx, kv_idx)
+
+    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+
+
+def _alibi_score_mod(alibi_H: Tensor):
+    """flex_attention's score_mod adding -m_h (i - j) to the scaled score of head h."""
+    slopes_H = alibi_H.to(torch.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes_H[h] * (q_idx - kv_idx)
+
+    return score_mod
+
+
+def _flex(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: AttentionPattern,
+          alibi_H: Tensor | None) -> Tensor:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHSK, k_BGSK, v_BGSK))
+    if q_BHSK.device.type == "cpu" and needs_grad:
+        raise ValueError(f"model.attention_impl = 'flex': torch {torch.__version__} has no flex_attention "
+                         f"backward on CPU; train with model.attention_impl = sdpa (or auto), use flex on "
+                         f"CPU for evaluation and generation only")
+    if not needs_grad:  # flex refuses inputs that require grad on CPU even under no_grad
+        q_BHSK, k_BGSK, v_BGSK = q_BHSK.detach(), k_BGSK.detach(), v_BGSK.detach()
+    block_mask = flex_block_mask(pattern, q_BHSK.shape[2], str(q_BHSK.device))
+    score_mod = None if alibi_H is None else _alibi_score_mod(alibi_H.to(q_BHSK.device))
+    return _compiled_flex()(q_BHSK, k_BGSK, v_BGSK, score_mod=score_mod, block_mask=block_mask,
+                            enable_gqa=k_BGSK.shape[1] != q_BHSK.shape[1])
