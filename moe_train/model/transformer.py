@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.model.layers import Attention, DenseMLP, make_norm, rope_cos_sin
+from moe_train.model.layers import Attention, DenseMLP, make_norm, rope_tables
 from moe_train.moe.layer import MoELayer, MoEOutput
 from moe_train.moe.stats import MoEStats
 
@@ -119,11 +119,9 @@ class MoETransformer(nn.Module):
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         x_BSD = self.embed(input_ids_BS)
-        rope = None
+        rope = rope_tables(self.cfg, S, input_ids_BS.device)  # None unless model.position is rope
         if self.pos is not None:
             x_BSD = x_BSD + self.pos(torch.arange(S, device=input_ids_BS.device))
-        else:
-            rope = rope_cos_sin(S, self.cfg.head_dim, self.cfg.rope_theta, input_ids_BS.device)
         x_BSD = self.drop(x_BSD)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         moe_out: list[MoEOutput] = []
