@@ -91,7 +91,7 @@ def _causality(moe, capacity_factor) -> str:
 
 
 def _model_size_lines(cfg) -> list[str]:
-    from moe_train.model.sizing import flops_per_token, human_count, param_counts
+    from moe_train.model.sizing import flops_per_token, human_count, param_counts, saving_lines
 
     n = param_counts(cfg.model, cfg.moe)
     flops = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
@@ -105,7 +105,8 @@ def _model_size_lines(cfg) -> list[str]:
             f"dense + top-{cfg.moe.top_k} experts per MoE block"
             f"{' + the shared expert' if n.shared else ''}, embeddings included)",
             f"MoE blocks: {len(moe_blocks)} of {cfg.model.num_layers} ({_index_list(moe_blocks)})",
-            f"training FLOPs per token: {flops:.4g} (3 x forward, seq_len {cfg.data.seq_len})"]
+            f"training FLOPs per token: {flops:.4g} (3 x forward, seq_len {cfg.data.seq_len})",
+            *saving_lines(cfg.model, cfg.moe)]
 
 
 def _index_list(ids: list[int]) -> str:

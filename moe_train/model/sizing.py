@@ -4,11 +4,17 @@ for any world size before a launch.
 
 Legend: V vocabulary, D d_model, L layers, H query heads, G key/value heads, K head dim
 (D / H), Fd dense MLP width, E experts, k top_k, F expert width, S sequence length,
-B micro-batch size; a = 3 for SwiGLU (gate, up, down), 2 for GELU/ReLU (up, down).
+B micro-batch size, Ee ``model.embed_dim`` (factorised embeddings; Ee = D when off);
+a = 3 for SwiGLU (gate, up, down), 2 for GELU/ReLU (up, down).
+
+Cross-layer sharing (``model.share_layers``): ``layer_owners`` says which block's modules
+each block uses; parameter counts count each shared module once (what is stored, what
+the optimizer holds), FLOPs and activations count every use (what is computed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,20 +25,26 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts (unique parameters: a tied head is the embedding, counted once).
+    """Parameter counts (unique parameters: a tied head is the embedding, and a module
+    shared by several blocks (``model.share_layers``) is counted once).
 
     Attributes:
         total: dense + expert; equals ``sum(p.numel() for p in model.parameters())``.
         dense: every non-expert parameter: embeddings, norms, attention, dense MLPs,
             routers, shared experts (replicated on every rank).
-        expert: the routed experts of all MoE blocks (E per block).
+        expert: the routed experts of all MoE layers (E per layer; a layer shared by
+            several blocks counted once).
         router: the routers' [D, E] weights (included in ``dense``).
-        embedding: token table + learned position table + untied head (in ``dense``).
-        active_per_token: the parameters in one token's forward path: dense (embedding
-            table, head and shared experts included) + k experts per MoE block. The "N"
-            of 6N.
-        shared: the shared experts of all MoE blocks, a*D*Fs each, + D per sigmoid gate
+        embedding: token table + learned position table + untied head, + the two
+            projections of factorised embeddings (in ``dense``).
+        active_per_token: the parameters in one token's forward path, counting a shared
+            module once per use: dense (embedding table, head and shared experts
+            included) + k experts per MoE block. The "N" of 6N; sharing leaves it
+            unchanged (the same compute on fewer stored parameters).
+        shared: the shared experts of all MoE layers, a*D*Fs each, + D per sigmoid gate
             (included in ``dense``).
+        embed_proj: factorised embeddings' E -> D input and D -> E output projections,
+            2 * Ee * D (included in ``embedding``); 0 when off.
     """
 
     total: int
@@ -42,44 +54,121 @@ class ParamCounts:
     embedding: int
     active_per_token: int
     shared: int = 0
+    embed_proj: int = 0
 
 
 def _mlp_mult(activation: str) -> int:
     return 3 if activation == "swiglu" else 2
 
 
-def _block_params(cfg: ModelConfig) -> int:
-    """Norms, attention ([D, (H + 2G) K] qkv and [D, D] proj, per-head q/k norms [K]
-    each with ``qk_norm``); no MLP."""
-    norms = 2 * cfg.d_model * (2 if cfg.norm == "layernorm" else 1) + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    attn = cfg.d_model * (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.d_model ** 2
-    return norms + attn
+def _norm_params(cfg: ModelConfig) -> int:
+    return cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+
+
+def _attn_params(cfg: ModelConfig) -> int:
+    """The pre-attention norm and attention ([D, (H + 2G) K] qkv and [D, D] proj,
+    per-head q/k norms [K] each with ``qk_norm``): what ``share_layers: attention``
+    shares."""
+    qk_norms = 2 * cfg.head_dim if cfg.qk_norm else 0
+    return _norm_params(cfg) + cfg.d_model * (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim \
+        + cfg.d_model ** 2 + qk_norms
+
+
+def factorised(cfg: ModelConfig) -> bool:
+    """Whether the embeddings are factorised: ``embed_dim`` set and below ``d_model``
+    (``embed_dim == d_model`` is the plain V x D table, no projections)."""
+    return cfg.embed_dim is not None and cfg.embed_dim < cfg.d_model
+
+
+def embed_width(cfg: ModelConfig) -> int:
+    """Ee: the width of the token table (``embed_dim``, or ``d_model``)."""
+    return cfg.embed_dim if factorised(cfg) else cfg.d_model
+
+
+def layer_owners(cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Which block's modules each block uses under ``model.share_layers``.
+
+    Blocks are split into groups of ``share_group_size`` consecutive blocks (0: one group
+    of all). ``attention`` shares the pre-attention norm and the attention of a group's
+    first block with the whole group; ``mlp`` shares the pre-MLP norm and the MLP, but
+    only between blocks of the same kind (MoE with MoE, dense with dense), so with
+    ``moe_every: 2`` a group's MoE blocks use one MoE layer (experts, router, shared
+    expert) and its dense blocks one dense MLP; ``all`` does both. Pure (no torch).
+
+    Returns:
+        (attn_owner, mlp_owner): per block i, the index of the block whose modules it
+        uses (i itself when not shared).
+    """
+    L = cfg.num_layers
+    size = cfg.share_group_size or L
+    share_attn = cfg.share_layers in ("attention", "all")
+    share_mlp = cfg.share_layers in ("mlp", "all")
+    attn_owner, mlp_owner = [], []
+    for i in range(L):
+        start = i - i % size
+        attn_owner.append(start if share_attn else i)
+        same_kind = [j for j in range(start, i + 1) if cfg.is_moe_block(j) == cfg.is_moe_block(i)]
+        mlp_owner.append(same_kind[0] if share_mlp else i)
+    return attn_owner, mlp_owner
 
 
 def param_counts(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> ParamCounts:
     """Counts the parameters ``MoETransformer(model_cfg, moe_cfg)`` holds with ep = 1.
 
-    Per block: norms (2D LayerNorm weight+bias, D RMSNorm, twice), attention
-    D(H + 2G)K + D^2, and either a dense MLP a*D*Fd or a router D*E plus E experts of
-    a*D*F (plus a shared expert a*D*Fs and its gate D). Plus V*D embeddings, S_max*D
-    learned positions, a final norm, V*D untied head.
+    Per attention (one per block, or per group when shared): a norm (2D LayerNorm
+    weight+bias, D RMSNorm) and D(H + 2G)K + D^2. Per MLP (likewise): a norm and either a
+    dense MLP a*D*Fd or a router D*E plus E experts of a*D*F (plus a shared expert a*D*Fs
+    and its gate D). Plus V*Ee embeddings (twice untied), with factorised embeddings the
+    Ee -> D and D -> Ee projections, S_max*D learned positions, a final norm.
+    ``active_per_token`` counts every block's use of its modules (compute).
     """
-    D, V = model_cfg.d_model, model_cfg.vocab_size
-    num_moe = model_cfg.num_moe_blocks
-    num_dense_blocks = model_cfg.num_layers - num_moe
+    D, V, Ee = model_cfg.d_model, model_cfg.vocab_size, embed_width(model_cfg)
+    attn_owner, mlp_owner = layer_owners(model_cfg)
+    moe_owners = {o for o in mlp_owner if model_cfg.is_moe_block(o)}
+    dense_owners = set(mlp_owner) - moe_owners
     per_expert = _mlp_mult(moe_cfg.activation) * D * moe_cfg.d_ff
-    embedding = V * D * (1 if model_cfg.tie_embeddings else 2)
+    embed_proj = 2 * Ee * D if factorised(model_cfg) else 0
+    embedding = V * Ee * (1 if model_cfg.tie_embeddings else 2) + embed_proj
     if model_cfg.position == "learned":
         embedding += model_cfg.max_seq_len * D
-    router = num_moe * D * moe_cfg.num_experts
-    shared = num_moe * _shared_params(D, moe_cfg)
-    final_norm = D * (2 if model_cfg.norm == "layernorm" else 1)
-    dense = (embedding + final_norm + router + shared + model_cfg.num_layers * _block_params(model_cfg)
-             + num_dense_blocks * _mlp_mult(model_cfg.mlp_activation) * D * model_cfg.d_ff)
+    dense_mlp = _norm_params(model_cfg) + _mlp_mult(model_cfg.mlp_activation) * D * model_cfg.d_ff
+    moe_dense = _norm_params(model_cfg) + D * moe_cfg.num_experts + _shared_params(D, moe_cfg)
+
+    def dense_params(num_attn: int, num_dense: int, num_moe: int) -> int:
+        return (embedding + _norm_params(model_cfg) + num_attn * _attn_params(model_cfg)
+                + num_dense * dense_mlp + num_moe * moe_dense)
+
+    num_moe = len(moe_owners)
+    dense = dense_params(len(set(attn_owner)), len(dense_owners), num_moe)
     expert = num_moe * moe_cfg.num_experts * per_expert
-    return ParamCounts(total=dense + expert, dense=dense, expert=expert, router=router,
-                       embedding=embedding,
-                       active_per_token=dense + num_moe * moe_cfg.top_k * per_expert, shared=shared)
+    uses_moe = model_cfg.num_moe_blocks
+    active = (dense_params(model_cfg.num_layers, model_cfg.num_layers - uses_moe, uses_moe)
+              + uses_moe * moe_cfg.top_k * per_expert)
+    return ParamCounts(total=dense + expert, dense=dense, expert=expert,
+                       router=num_moe * D * moe_cfg.num_experts, embedding=embedding,
+                       active_per_token=active, shared=num_moe * _shared_params(D, moe_cfg),
+                       embed_proj=embed_proj)
+
+
+def saving_lines(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[str]:
+    """``moe-train check``'s lines on the ALBERT options: the parameters that factorised
+    embeddings save against ``embed_dim = d_model`` and that layer sharing saves against
+    ``share_layers: none`` (each with the other option as configured); none when off."""
+    total = param_counts(model_cfg, moe_cfg).total
+    lines = []
+    if factorised(model_cfg):
+        full = param_counts(dataclasses.replace(model_cfg, embed_dim=None), moe_cfg).total
+        lines.append(f"factorised embeddings (embed_dim {model_cfg.embed_dim}, d_model {model_cfg.d_model}): "
+                     f"{human_count(total)} parameters instead of {human_count(full)} with embed_dim = "
+                     f"d_model, saves {human_count(full - total)} ({(full - total) / full:.1%})")
+    if model_cfg.share_layers != "none":
+        unshared = param_counts(dataclasses.replace(model_cfg, share_layers="none"), moe_cfg).total
+        groups = (f"groups of {model_cfg.share_group_size} blocks" if model_cfg.share_group_size
+                  else "one group of all blocks")
+        lines.append(f"layer sharing ({model_cfg.share_layers}, {groups}): {human_count(total)} parameters "
+                     f"instead of {human_count(unshared)} unshared, saves {human_count(unshared - total)} "
+                     f"({(unshared - total) / unshared:.1%}); compute per token unchanged")
+    return lines
 
 
 def _shared_params(d_model: int, moe_cfg: MoEConfig) -> int:
@@ -102,12 +191,16 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
     experts      (MoE blocks) k * 2 * a * D * F: every top-k assignment computed (dropless;
                  with a capacity, dropped assignments do less and padding does more)
     shared       (MoE blocks) 2 * a * D * Fs, + 2 * D for a sigmoid gate
-    lm_head      2 * D * V
-    Embedding lookups, norms, softmax and activations are not matmuls and are left out.
+    lm_head      2 * D * V; factorised embeddings: 2 * (D * Ee + Ee * V)
+    embed_proj   factorised embeddings' input projection 2 * Ee * D (else 0)
+    Every block counts, shared modules once per use. Embedding lookups, norms, softmax
+    and activations are not matmuls and are left out.
     """
     D, L = model_cfg.d_model, model_cfg.num_layers
     num_moe = model_cfg.num_moe_blocks
     qkv = D * (model_cfg.num_heads + 2 * model_cfg.kv_heads) * model_cfg.head_dim
+    Ee, V = embed_width(model_cfg), model_cfg.vocab_size
+    lm_head = 2.0 * (D * Ee + Ee * V) if factorised(model_cfg) else 2.0 * D * V
     return {
         "attn_proj": 2.0 * L * (qkv + D * D),
         "attn_scores": 2.0 * L * seq_len * D,
@@ -115,7 +208,8 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
         "router": 2.0 * num_moe * D * moe_cfg.num_experts,
         "experts": 2.0 * num_moe * moe_cfg.top_k * _mlp_mult(moe_cfg.activation) * D * moe_cfg.d_ff,
         "shared": 2.0 * num_moe * _shared_params(D, moe_cfg),
-        "lm_head": 2.0 * D * model_cfg.vocab_size,
+        "lm_head": lm_head,
+        "embed_proj": 2.0 * Ee * D if factorised(model_cfg) else 0.0,
     }
 
 
@@ -123,7 +217,8 @@ def flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) ->
     """Training FLOPs per token: 3 x forward (backward = 2 x forward: grads of the inputs
     and of the weights), from ``forward_flops_per_token``. For MFU:
     ``flops_per_token * tokens_per_s / (num_gpus * peak_flops)``. Up to the norms, this is
-    6 * (active_per_token - embedding) + 6 * D * V + 6 * L * S * D."""
+    6 * (active_per_token - embedding) + 6 * D * V + 6 * L * S * D (without factorised
+    embeddings)."""
     return 3.0 * sum(forward_flops_per_token(model_cfg, moe_cfg, seq_len).values())
 
 
@@ -153,6 +248,8 @@ def _activation_bytes_per_token(cfg: ModelConfig, moe: MoEConfig, dtype_bytes: i
                  + 2 * 4 * moe.num_experts)
     blocks = [moe_block if cfg.is_moe_block(i) else dense for i in range(cfg.num_layers)]
     head = 2 * D * b + cfg.vocab_size * (b + 4)
+    if factorised(cfg):  # the projections' inputs: Ee-wide table rows and head_proj output
+        head += 2 * embed_width(cfg) * b
     if checkpointing:
         return cfg.num_layers * D * b + max(blocks) + head
     return sum(blocks) + head
@@ -180,7 +277,10 @@ def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: i
       dense MLP  2D + a*Fd        (norm input, up input, hidden)
       MoE MLP    2D + k(2D + a*F) (+ 8E bytes of fp32 router logits and probs)
                  + D + a*Fs with a shared expert (its output, its hidden)
-      head       2D, and V * (b + 4) bytes: logits plus fp32 log-softmax
+      head       2D, and V * (b + 4) bytes: logits plus fp32 log-softmax; + 2Ee with
+                 factorised embeddings (the two projections' inputs)
+    Shared blocks (``model.share_layers``) store their parameters once (the counts above
+    are unique) but save activations per use.
     With activation checkpointing: L * D * b (each block's input) + the largest block
     (recomputed one at a time in backward) + the head.
     """
