@@ -211,11 +211,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def split_state(model: nn.Module) -> tuple[dict, dict]:
-    """(dense state incl. buffers, expert tensors) of the model, detached, on CPU."""
-    expert_names = {n for n, p in model.named_parameters() if is_expert_param(p)}
-    dense, experts = {}, {}
+    """(dense state incl. buffers, expert tensors) of the model, detached, on CPU.
+
+    A tensor the state dict lists under several names (a tied head; a module shared by
+    several blocks, ``model.share_layers``) is copied once and kept under every name, so
+    ``torch.save`` stores it once, and it is an expert tensor under every name."""
+    expert_names = {n for n, p in model.named_parameters(remove_duplicate=False) if is_expert_param(p)}
+    dense, experts, copies = {}, {}, {}
     for name, tensor in model.state_dict(keep_vars=False).items():
-        (experts if name in expert_names else dense)[name] = tensor.detach().cpu().clone()
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else name
+        if key not in copies:
+            copies[key] = tensor.detach().cpu().clone()
+        (experts if name in expert_names else dense)[name] = copies[key]
     return dense, experts
 
 

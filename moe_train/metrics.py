@@ -218,6 +218,11 @@ class RoutingMonitor:
 
     def __init__(self, model, layer_ids: list[int], dead_expert_steps: int, max_drop_frac: Optional[float]):
         self.layers = moe_layers(model)
+        # A layer shared by several blocks (model.share_layers) has one tally for all its
+        # uses; it is named by the first block that uses it (``block_ids``, set by the model).
+        uses = [getattr(m, "block_ids", None) for m in self.layers]
+        if all(uses) and sorted(i for u in uses for i in u) == sorted(layer_ids):
+            layer_ids = [u[0] for u in uses]
         assert len(self.layers) == len(layer_ids), (len(self.layers), layer_ids)
         self.layer_ids, self.dead_expert_steps, self.max_drop_frac = layer_ids, dead_expert_steps, max_drop_frac
         self.num_alarms, self.alarms = 0, []
