@@ -165,7 +165,7 @@ def build_engine(cfg: Config, model: nn.Module, groups: ParallelGroups) -> Engin
     import deepspeed
 
     topo = groups.topology
-    make_visible_to_deepspeed(model, topo.ep_size)
+    moe_layers = make_visible_to_deepspeed(model, topo.ep_size)
     param_groups = optimizer_param_groups(model, cfg.optim)
     o = cfg.optim
     # fused/foreach kernels differ in rounding across layouts; the plain loop is the
@@ -175,7 +175,8 @@ def build_engine(cfg: Config, model: nn.Module, groups: ParallelGroups) -> Engin
     ds_config = merged_deepspeed_config(cfg, topo.world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=copy.deepcopy(ds_config), dist_init_required=False)
-    check_deepspeed_groups(groups)
+    if moe_layers:  # DeepSpeed makes expert groups only for a model with MoE layers
+        check_deepspeed_groups(groups)
     return Engine(engine, own_clipping=cfg.parallel.zero_stage == 0, ds_config=ds_config)
 
 

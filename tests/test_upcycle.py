@@ -170,18 +170,16 @@ def _ep2_worker(rank, world, dense, upcycled, granular):
 
 
 def test_ep2_exact_and_resume_through_train(tmp_path):
-    """A dense run (world 1, 8 sequences a step) checkpoints at step 4 and runs to 6.
-    Its step-4 checkpoint, upcycled (ep 2, 4 sequences a rank: the same global batch),
-    gives the dense logits on an ep-2 model, and ``train --resume`` on 2 ranks starts
-    at step 0 with a fresh optimizer: its first loss is the dense run's step-5 loss
-    (same batch, same function), and tokens seen continue."""
+    """A dense run (2 ranks, ep 2) checkpoints at step 4 and runs on to 6. Its step-4
+    checkpoint, upcycled (G_u 1 and 2), gives the dense logits on an ep-2 model, and
+    ``train --resume`` on 2 ranks starts at step 0 with a fresh optimizer: its first loss
+    is the dense run's step-5 loss (same batch, same function), and tokens seen continue."""
     dense_cfg = make_cfg(tmp_path / "dense", model={"moe_every": 0, "mlp_activation": "swiglu"},
-                         data={"micro_batch_size": 8}, train={"max_steps": 6},
+                         parallel={"expert_parallel_size": 2}, train={"max_steps": 6},
                          checkpoint={"every_steps": 4, "keep_last": 5})
-    (dense_run,) = run_train(dense_cfg, 1)
+    dense_run = run_train(dense_cfg, 2)[0]  # a dense model at ep 2: the engine must not need experts
     dense = Path(dense_cfg.checkpoint.dir) / "step_00000004"
-    common = ["model.moe_every=2", "moe.num_experts=4", "moe.top_k=2", *EXACT, "parallel.expert_parallel_size=2",
-              "data.micro_batch_size=4", "train.max_steps=2"]
+    common = ["model.moe_every=2", "moe.num_experts=4", "moe.top_k=2", *EXACT, "train.max_steps=2"]
     up = upcycle_checkpoint(dense, tmp_path / "up", common + ["moe.d_ff=64"])
     gran = upcycle_checkpoint(dense, tmp_path / "gran", common + ["moe.d_ff=32"])
     assert up.exact and gran.exact and gran.granularity == 2
@@ -192,4 +190,4 @@ def test_ep2_exact_and_resume_through_train(tmp_path):
         assert sorted(losses) == [1, 2]
         assert abs(losses[1] - dense_run.losses[5]) < 1e-5, (losses[1], dense_run.losses[5])
     meta = ckpt.read_meta(Path(results[0][2]))
-    assert meta["step"] == 2 and meta["tokens_seen"] == 6 * 8 * 16  # 4 dense steps + 2 upcycled
+    assert meta["step"] == 2 and meta["tokens_seen"] == 6 * 2 * 4 * 16  # 4 dense steps + 2 upcycled
