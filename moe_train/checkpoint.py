@@ -346,6 +346,10 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, topo: Topolo
 
 def check_compatible(meta: dict, config: dict, path: Path) -> None:
     """Refuses a checkpoint whose weights cannot fit this config, naming both values."""
+    if "quantization.pt" in meta.get("files", {}):  # moe-train quantize (moe_train/compress/quantize.py)
+        raise CheckpointError(f"checkpoint {path} holds int8 weights for inference ({meta.get('origin')}); "
+                              f"training needs the float weights: resume from the checkpoint it was "
+                              f"quantized from")
     saved = meta.get("config", {})
     for section, key in SHAPE_KEYS:
         old, new = saved.get(section, {}).get(key), config.get(section, {}).get(key)

@@ -8,6 +8,9 @@ Loading: the model is rebuilt from the resolved config stored in the checkpoint'
 weights and every expert are loaded, experts by global expert id from all of the
 ``experts_ep*.pt`` files (``checkpoint.load_model_weights`` with a world-1, ep-1
 topology), so a checkpoint saved at ep = 2, 4, ... samples the same as one saved at ep = 1.
+A pruned checkpoint (``moe-train prune``) is an ordinary one with fewer experts in its
+config; an int8 one (``moe-train quantize``, ``quantization.pt`` in its manifest) gets
+its int8 modules (``moe_train.compress.quantize``) before the int8 tensors load.
 
 The model runs in eval mode: no dropout, no router jitter, and each MoE layer's capacity
 comes from ``moe.eval_capacity_factor`` over the tokens of the one sequence in flight, as
@@ -40,12 +43,14 @@ from moe_train.config import Config, config_from_dict
 
 @dataclass
 class LoadedModel:
-    """A checkpoint in one process: the model (eval mode), its config and meta."""
+    """A checkpoint in one process: the model (eval mode), its config and meta; for an
+    int8 checkpoint (``moe-train quantize``) its quantization record."""
 
     model: torch.nn.Module
     cfg: Config
     meta: dict
     path: Path
+    quantization: Optional[dict] = None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -69,6 +74,7 @@ def load_for_inference(path: str | Path, dropless: bool = False) -> LoadedModel:
         dropless: route every token (``moe.eval_capacity_factor = None``) instead of the
             configured eval capacity.
     """
+    from moe_train.compress.quantize import finish_load, prepare_for_load, read_record
     from moe_train.model.transformer import MoETransformer
     from moe_train.parallel.topology import Topology
 
@@ -79,10 +85,15 @@ def load_for_inference(path: str | Path, dropless: bool = False) -> LoadedModel:
         cfg.moe = dataclasses.replace(cfg.moe, eval_capacity_factor=None)
     torch.manual_seed(cfg.train.seed)  # irrelevant after loading; keeps construction quiet
     model = MoETransformer(cfg.model, cfg.moe)  # ep_group None: every expert is local
+    quantization = read_record(path, meta)  # moe-train quantize wrote int8 weights + scales
+    if quantization is not None:
+        prepare_for_load(model, quantization, path)  # the int8 modules, before their tensors load
     # world 1, ep 1: rank 0 owns experts [0, E), gathered from every experts_ep*.pt file
     load_model_weights(path, model, Topology(1, 1, cfg.moe.num_experts), rank=0)
+    if quantization is not None:
+        finish_load(model, quantization)
     model.eval()
-    return LoadedModel(model, cfg, meta, path)
+    return LoadedModel(model, cfg, meta, path, quantization)
 
 
 def tokenizer_path(cfg: Config, override: str = "") -> str:
