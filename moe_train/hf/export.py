@@ -146,17 +146,22 @@ def _stored_dtype(sd: dict) -> str:
     return {v: k for k, v in DTYPES.items()}.get(t.dtype, "float32")
 
 
-def _tokenizer_source(cfg: Config, tokenizer: Optional[str]) -> tuple[str, bool]:
-    """(SentencePiece .model path, add_bos) from --tokenizer or the training manifest."""
+def _tokenizer_source(cfg: Config, path: Path, tokenizer: Optional[str]) -> tuple[str, bool]:
+    """(SentencePiece .model path, add_bos): --tokenizer, else the one the training data
+    manifest names, else a ``tokenizer.model`` beside the checkpoint (``moe-train import``
+    copies one there)."""
     from moe_train.generate import tokenizer_path
 
     add_bos = False
     manifest = cfg.data.manifest
     if manifest and Path(manifest).is_file():
         add_bos = bool(json.loads(Path(manifest).read_text()).get("add_bos", False))
+    beside = path.parent / "tokenizer.model"
     try:
         return tokenizer_path(cfg, tokenizer or ""), add_bos
     except ValueError as err:
+        if beside.is_file() and not tokenizer:
+            return str(beside), add_bos
         raise ValueError(f"{err}; or pass --no-tokenizer to export the model without one") from None
 
 
@@ -180,7 +185,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, arch: str = "auto", allow
     dtype = _stored_dtype(sd) if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: must be auto or one of {', '.join(DTYPES)}")
-    source, add_bos = _tokenizer_source(cfg, tokenizer) if with_tokenizer else ("", False)
+    source, add_bos = _tokenizer_source(cfg, path, tokenizer) if with_tokenizer else ("", False)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -152,6 +152,11 @@ def _split(sd: dict, cfg: Config, where: str) -> tuple[dict, dict]:
     return dense, {n: t for n, t in sd.items() if n in expert_names}
 
 
+def _adds_bos(source: Path) -> bool:
+    path = source / "tokenizer_config.json"
+    return path.is_file() and bool(json.loads(path.read_text()).get("add_bos_token", False))
+
+
 def import_hf(source: str | Path, out: str | Path, base_config: str | None = None,
               overrides: list[str] = ()) -> ImportReport:
     """Writes the checkpoint and config under ``out`` (module docstring).
@@ -194,7 +199,8 @@ def import_hf(source: str | Path, out: str | Path, base_config: str | None = Non
                            + dump_config(cfg))
     if (source / "tokenizer.model").is_file():
         shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
-        notes.append(f"tokenizer: {out / 'tokenizer.model'} (SentencePiece; give it to data_tools/make_shards.py)")
+        notes.append(f"tokenizer: {out / 'tokenizer.model'} (SentencePiece; give it to data_tools/make_shards.py"
+                     + (" with --add-bos: this tokenizer puts BOS before a text)" if _adds_bos(source) else ")"))
     else:
         notes.append("tokenizer: the directory has no SentencePiece tokenizer.model; moe_train's data tools "
                      "need one to make shards")
