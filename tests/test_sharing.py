@@ -81,6 +81,26 @@ def test_shared_gradient_is_the_sum_of_the_per_use_gradients(name, kw):
         assert any(".experts." in n for n in names) and any(".router." in n for n in names)
 
 
+def test_activation_checkpointing_of_shared_blocks_changes_nothing():
+    """Recomputing shared blocks in backward: same gradients, and the shared layer's
+    tally counts each use once (not again in the recomputation)."""
+    cfg = small(share_layers="all", moe_every=1)
+    grads, tallies = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MoETransformer(cfg, MOE, activation_checkpointing=recompute).train()
+        ids = torch.randint(0, 40, (3, 12))
+        out = model(ids, ids)
+        _loss(out).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        (layer,) = moe_layers(model)
+        tallies.append(int(layer.tally.routed_E.sum()))
+        assert tallies[-1] == sum(int(s.routed_per_expert_E.sum()) for s in out.moe_stats)
+    assert tallies[0] == tallies[1]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=lambda m: f"{name}: {m}")
+
+
 def test_layer_owners_share_by_group_and_by_kind():
     # moe_every 2: blocks 1, 3, 5, 7 are MoE. Groups of 4: {0..3}, {4..7}.
     attn, mlp = layer_owners(small(num_layers=8, share_layers="all", share_group_size=4))
