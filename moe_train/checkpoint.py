@@ -35,8 +35,13 @@ Load: model weights are loaded BEFORE the DeepSpeed engine is built (so ZeRO's f
 master copy starts from them), experts by GLOBAL expert id from whichever files hold
 them, so any expert-parallel size dividing E loads. The optimizer state, RNG states and
 every rank's data position are restored exactly when the layout (world size, ep, ZeRO
-stage, dtype) is the one saved; otherwise the optimizer state is re-initialised (logged,
-naming what was dropped) and the data loader re-splits the rest of the epoch.
+stage, dtype) is the one saved. On another layout the ZeRO partitions cannot be read:
+the step's canonical checkpoint (``step_N/canonical``, ``moe_train.canonical``) is
+loaded instead, and without one the resume fails naming ``moe-train ckpt canonical``
+(``moe_train.canonical.choose_resume``); the optimizer is never silently re-initialised.
+
+Pruning keeps the newest ``keep_last`` complete checkpoints plus the newest one that holds
+a canonical checkpoint, so a run can always move to another layout from somewhere.
 """
 
 from __future__ import annotations
@@ -176,6 +181,10 @@ def verify_checkpoint(path: str | Path) -> list[str]:
         return [f"{path}: meta.json does not mark the checkpoint complete"]
     if "manifest" not in meta:
         return [f"{path}: no manifest (written before checkpoint format 2); it cannot be verified"]
+    if meta.get("kind") == "canonical":
+        from moe_train import canonical
+
+        return canonical.verify(path)
     present = [p.name for p in path.iterdir() if p.is_file()]
     return mf.verify_files(path, meta["manifest"], _load_any, present)
 
@@ -337,8 +346,16 @@ def _publish(root: Path, tmp: Path, final: Path, state: TrainState, topo: Topolo
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, root / LATEST)
     complete = [p for p, _, ok in list_checkpoints(root) if ok and p != final]
+    with_canonical = [p for p in complete if _has_canonical(p)]
+    keep = {with_canonical[-1]} if with_canonical else set()  # somewhere to change layout from
     for old in complete[:max(len(complete) - (keep_last - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _has_canonical(path: Path) -> bool:
+    meta = read_meta(path / "canonical")
+    return bool(meta and meta.get("complete"))
 
 
 # ---------------------------------------------------------------------------- load

@@ -376,6 +376,10 @@ class CheckpointConfig:
     # Also write the layout-free canonical checkpoint (any world size / ep) every n
     # steps and at the end; 0: off (convert later with `moe-train ckpt canonical`).
     canonical_every_steps: int = 0
+    # A resume on another layout from an engine checkpoint that has no canonical one:
+    # false (default) refuses, naming `moe-train ckpt canonical`; true loads the weights
+    # and starts AdamW's moments and step from zero (warned).
+    fresh_optimizer_on_new_layout: bool = False
 
     def validate(self) -> None:
         if self.canonical_every_steps < 0:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_train import canonical
 from moe_train import checkpoint as ckpt
 from moe_train import determinism
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
@@ -289,9 +290,11 @@ def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: ckpt.TrainSt
                                   {k: v for k, v in console.items() if v is not None}))
 
 
-def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader) -> Optional[Path]:
-    """A collective checkpoint; a failed save is logged and training goes on (the
-    previous checkpoint stays the one to resume from)."""
+def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader, with_canonical: bool = False) -> Optional[Path]:
+    """A collective checkpoint, with its canonical checkpoint (any layout) beside it when
+    ``with_canonical``; a failed save is logged and training goes on (the previous
+    checkpoint stays the one to resume from; a failed canonical save leaves the engine
+    checkpoint of the step complete)."""
     cfg = run.cfg
     loader_state = loader.state_dict()
     if run.env.world_size > 1:
@@ -313,37 +316,53 @@ def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader) -> Optional
         run.print(f"ERROR: {err}")
         return None
     run.print(f"checkpoint step {state.step} -> {path}")
+    if with_canonical:
+        try:
+            written = canonical.save(path, model=engine.module, optimizer=engine.optimizer, state=state,
+                                     groups=run.groups, config=config_to_dict(cfg))
+            run.print(f"canonical checkpoint step {state.step} -> {written}")
+        except ckpt.CheckpointError as err:
+            run.print(f"ERROR: {err}")
     return path
 
 
-def _restore(run: _Run, path: Path, engine: Engine, loader, state: ckpt.TrainState) -> None:
+def _restore(run: _Run, source: canonical.ResumeSource, engine: Engine, loader, state: ckpt.TrainState,
+             loaded: Optional[canonical.Loaded]) -> None:
     """Optimizer, RNG and data position after the weights (loaded before the engine)."""
-    meta = ckpt.read_meta(path)
+    path, meta = source.path, ckpt.read_meta(source.path)
     saved = meta["train_state"]
     state.step, state.tokens_seen, state.skipped_steps = saved["step"], saved["tokens_seen"], saved["skipped_steps"]
-    topo = run.groups.topology
-    if ckpt.same_layout(meta, topo, config_to_dict(run.cfg)):
+    topo, cfg = run.groups.topology, run.cfg
+    here = f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.train.dtype}"
+    if source.kind == "engine":
         rank_state = ckpt.load_rank_state(path, run.rank)
         ckpt.load_optimizer_state(engine.optimizer, rank_state["optimizer"], topo.world_size)
         ckpt.set_rng_state(rank_state["rng"])
         loader.load_state_dict(saved["loader_states"][run.rank])
         run.print(f"resumed from {path} at step {state.step}: weights, optimizer, RNG and data position")
-    elif meta.get("weights_only"):
+    elif source.kind == "canonical":
+        summary = canonical.restore_optimizer(engine.optimizer, engine.module, loaded)
+        canonical.reseed(cfg.train.seed, state.step, run.rank)
+        same_world = len(saved["loader_states"]) == topo.world_size
+        loader.load_state_dict(saved["loader_states"][run.rank if same_world else 0])
+        run.print(f"resumed from {path} (canonical, saved at {canonical._layout(meta)}) on {here} at step "
+                  f"{state.step}: every fp32 master, AdamW moment and step by parameter name, experts by "
+                  f"global id, checked against the manifest ({summary}); RNG re-derived from (seed "
+                  f"{cfg.train.seed}, step {state.step}, rank); data position "
+                  f"{'continued' if same_world else f're-split over {topo.world_size} ranks'}")
+    elif source.kind == "weights":
         if saved["loader_states"]:
             loader.load_state_dict(saved["loader_states"][0])
         run.print(f"resumed from {path} at step {state.step}: a weights-only checkpoint "
                   f"({meta.get('origin', 'no origin recorded')}): every weight loaded and verified; the "
                   f"optimizer state starts fresh; data position "
                   f"{'continued' if saved['loader_states'] else 'starts at the beginning'}")
-    else:
-        old = meta["topology"]
+    else:  # "fresh_optimizer": asked for with checkpoint.fresh_optimizer_on_new_layout
         loader.load_state_dict(saved["loader_states"][0])
-        run.print(f"WARNING: resumed from {path} (saved at world {old['world_size']}, ep {old['ep_size']}, "
-                  f"ZeRO {meta['config']['parallel']['zero_stage']}, {meta['config']['train']['dtype']}) on "
-                  f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {run.cfg.parallel.zero_stage}, "
-                  f"{run.cfg.train.dtype}: weights loaded by global expert id; the optimizer state "
-                  f"(Adam moments and step counts) was NOT loaded and starts fresh; RNG re-seeded; "
-                  f"the data loader re-split the rest of the epoch")
+        run.print(f"WARNING: resumed from {path} (saved at {canonical._layout(meta)}) on {here}: weights "
+                  f"loaded by global expert id; the optimizer state (AdamW moments and step counts) was NOT "
+                  f"loaded and starts fresh (checkpoint.fresh_optimizer_on_new_layout); RNG re-seeded; the "
+                  f"data loader re-split the rest of the epoch")
 
 
 def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
@@ -398,15 +417,37 @@ def _report_skip(run: _Run, state: ckpt.TrainState, in_a_row: int, last_saved) -
                            f"the non-finite state; the last checkpoint is {last_saved or 'none from this run'}")
 
 
+def _resume_source(run: _Run, resume: str) -> Optional[canonical.ResumeSource]:
+    """Rank 0 chooses the checkpoint and how to load it (``canonical.choose_resume``);
+    every rank gets the choice, or raises rank 0's refusal (none waits for a rank that
+    failed)."""
+    choice = None
+    if run.env.rank == 0:
+        try:
+            choice = canonical.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
+                                             config_to_dict(run.cfg))
+        except ckpt.CheckpointError as err:
+            choice = str(err)
+    choice = _broadcast_choice(choice, run.env)
+    if isinstance(choice, str):
+        raise ckpt.CheckpointError(choice)
+    return choice
+
+
 def _setup(run: _Run, resume: str, loaders):
     """Model (weights from the checkpoint, if resuming, before the engine exists so ZeRO's
     fp32 master starts from them), engine, data, and the restored state."""
     cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
-    path = _broadcast_choice(ckpt.find_checkpoint(cfg.checkpoint.dir, resume) if env.rank == 0 else None, env)
+    source = _resume_source(run, resume)
     model = build_model(cfg, groups, device)
-    if path is not None:
-        ckpt.check_compatible(ckpt.read_meta(path), config_to_dict(cfg), path)
-        ckpt.load_model_weights(path, model, groups.topology, env.rank)
+    loaded = None
+    if source is not None:
+        ckpt.check_compatible(ckpt.read_meta(source.path), config_to_dict(cfg), source.path)
+        if source.kind == "canonical":  # any layout: the fp32 masters become the weights
+            loaded = canonical.load(source.path, model, groups)
+            canonical.apply_to_model(model, loaded)
+        else:
+            ckpt.load_model_weights(source.path, model, groups.topology, env.rank)
     engine = build_engine(cfg, model, groups)
     run.routing = RoutingMonitor(engine.module, run.layer_ids, cfg.logging.dead_expert_steps,
                                  cfg.logging.max_drop_frac)  # [routing]
@@ -414,9 +455,9 @@ def _setup(run: _Run, resume: str, loaders):
     check_vocab_fits(cfg, loader.manifest["vocab_size"])
     state = ckpt.TrainState()
     seed_everything(cfg.train.seed, env.rank)
-    if path is not None:
-        _restore(run, path, engine, loader, state)
-    run.print(startup_report(cfg, env, groups.topology, engine, device, path))
+    if source is not None:
+        _restore(run, source, engine, loader, state, loaded)
+    run.print(startup_report(cfg, env, groups.topology, engine, device, source and source.path))
     run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
     run.writer.text("config", "```\n" + dump_config(cfg) + "\n```", state.step)
     return engine, loader, val_loader, state
@@ -457,7 +498,7 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
                 PHASE.enter("metrics all-reduce")
                 _log_step(run, state.step, out, lr, state)
                 if run.routing.alarms and cfg.train.stop_on_routing_alarm:  # [routing] every rank agrees
-                    saved = _save(run, engine, state, loader)
+                    saved = _save(run, engine, state, loader, bool(cfg.checkpoint.canonical_every_steps))
                     raise RuntimeError(f"step {state.step}: routing alarm (train.stop_on_routing_alarm): "
                                        f"{'; '.join(run.routing.alarms)}; checkpoint {saved or 'NOT written'}")
             if val_loader is not None and state.step % cfg.train.eval_every == 0:
@@ -466,11 +507,13 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
                 run.writer.scalars(state.step, scores)
                 run.print(f"eval step {state.step}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f}")
                 run.timer.restart()
-            due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            last = out.stop or state.step == cfg.train.max_steps
+            every, canonical_every = cfg.checkpoint.every_steps, cfg.checkpoint.canonical_every_steps
+            with_canonical = bool(canonical_every) and (state.step % canonical_every == 0 or last)
             # A skipped step changed nothing, so the state is the last finite one: safe to save.
-            if due or out.stop or state.step == cfg.train.max_steps:
+            if (every and state.step % every == 0) or with_canonical or last:
                 PHASE.enter("checkpoint save")
-                saved = _save(run, engine, state, loader)
+                saved = _save(run, engine, state, loader, with_canonical)
                 last_saved = saved or last_saved
                 if out.stop and saved is None:
                     raise RuntimeError(f"stop requested ({stop.reason or 'another rank'}) but the "

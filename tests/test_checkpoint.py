@@ -51,11 +51,14 @@ def test_resume_is_exact_same_losses_and_batches(tmp_path, shards):
 
 
 def test_resume_on_another_layout_loads_experts_by_global_id(tmp_path, shards):
-    """Saved at (world 2, ep 2), resumed at (world 1, ep 1): every expert lands at its
-    global id; the optimizer restarts (warned), the step and tokens continue."""
+    """Saved at (world 2, ep 2) with no canonical checkpoint, resumed at (world 1, ep 1)
+    with checkpoint.fresh_optimizer_on_new_layout (without it the resume is refused:
+    test_reshard.py): every expert lands at its global id; the optimizer restarts
+    (warned), the step and tokens continue."""
     cfg = _cfg(tmp_path, shards, train={"max_steps": 5})
     (saved,) = run_train(cfg, 2, synthetic=False, keep_state=True)[:1]
-    other = _cfg(tmp_path, shards, train={"max_steps": 5}, parallel={"expert_parallel_size": 1})
+    other = _cfg(tmp_path, shards, train={"max_steps": 5}, parallel={"expert_parallel_size": 1},
+                 checkpoint={"fresh_optimizer_on_new_layout": True})
     (loaded,) = run_train(other, 1, synthetic=False, keep_state=True, resume="auto")
     assert loaded.final_step == 5 and loaded.losses == {}  # nothing left to train
     rank1 = run_train(cfg, 2, synthetic=False, keep_state=True, resume="auto")[1]

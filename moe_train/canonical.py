@@ -1,0 +1,778 @@
+"""The canonical checkpoint: the whole training state by logical parameter name, loadable
+at any world size, any expert-parallel size dividing E and ZeRO stage 0, 1 or 2.
+
+Why a second format: the engine checkpoint (``moe_train.checkpoint``) stores each rank's
+ZeRO partition of the optimizer, which only the same layout can read back. Stacks that
+move such state to another layout lose experts or moments on the way (DeepSpeed's
+universal checkpoint skips experts of layers it did not build, DeepSpeed #5716), so this
+one is built from the pieces that do hold: DeepSpeed's public accessors and
+``torch.distributed.checkpoint`` (DCP).
+
+Layout, beside the engine files of the same step::
+
+    step_00000020/canonical/
+      meta.json         kind "canonical", step, train state (tokens seen, skipped steps, every
+                        rank's data-loader position), the layout it was saved from, config,
+                        versions, loss scaler, and the manifest (below); written last
+      .metadata         DCP's index of every tensor: global shape, dtype, chunks
+      __R_0.distcp      the chunks rank R wrote
+
+DCP keys, ``NAME`` a logical parameter (``model.named_parameters()``) or buffer name:
+
+    master/NAME       the fp32 master weight; an expert tensor stacked over ALL experts by
+                      global expert id, [E, ...]
+    exp_avg/NAME      AdamW's first moment (fp32), same shape
+    exp_avg_sq/NAME   AdamW's second moment (fp32), same shape
+    step/NAME         AdamW's step count of that tensor (0-d fp32)
+    buffer/NAME       every persistent buffer (e.g. the router's selection bias b_E)
+
+The learning rate needs no state: it is a pure function of the step
+(``moe_train.schedule``). The RNG is not carried over: a resume re-derives it from
+(seed, step, rank) and says so, since another layout has other ranks anyway.
+
+Gathering: ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` are
+all-reduces over the parameter's own data-parallel group (the expert-data-parallel group
+for experts), so every rank calls them for every parameter in the same order. At ZeRO 0
+they do not apply (no ``_hp_mapping``): the master is the parameter itself (fp32) or
+DeepSpeed's fp32 copy (bf16/fp16), and the moments are read from the optimizer's state.
+
+Writing: experts are a ``DTensor`` sharded ``Shard(0)`` over the expert-parallel ranks
+(replicated over the expert-data-parallel ones), so each rank of the first EP block writes
+its own experts in parallel, no rank ever holds all of them, and a load reads only the
+rows of the experts it will own; DCP writes replicated dense tensors once (its planner
+de-duplicates them across ranks). The alternative, gathering everything onto rank 0,
+needs the whole model and optimizer (12 bytes a parameter) in one process's memory.
+
+Manifest (in meta.json): every file with its size and CRC-32, and every tensor with its
+global shape, dtype and a CRC-32 of its data; for expert tensors one CRC-32 per global
+expert id (``rows_crc32``), so that a load at any layout checks exactly the experts it
+read. A load compares what it read with the manifest and fails naming the tensor (and
+the expert); nothing missing is ever initialised instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_train import checkpoint as ckpt
+from moe_train import manifest as mf
+from moe_train.parallel.grads import is_expert_param
+from moe_train.parallel.groups import ParallelGroups
+
+log = logging.getLogger("moe_train.canonical")
+FORMAT_VERSION = 1
+DIRNAME = "canonical"
+KIND = "canonical"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state besides the step
+
+
+# ------------------------------------------------------------------- optimizer access
+
+
+class OptimizerView:
+    """The fp32 master, moments and step of each model parameter, whatever DeepSpeed
+    wrapped the AdamW in.
+
+    ``flat`` (ZeRO 1/2, DeepSpeed's BF16 optimizer): the parameter has an ``_hp_mapping``
+    into a flat fp32 partition; read and written through DeepSpeed's public accessors.
+    ``per_param`` (ZeRO 0): a plain optimizer on the parameters themselves (fp32), or
+    DeepSpeed's unfused fp16/bf16 wrapper with one fp32 master per parameter.
+    """
+
+    def __init__(self, optimizer, model: nn.Module):
+        self.opt = optimizer
+        if hasattr(optimizer, "bit16_groups") and hasattr(optimizer, "single_partition_of_fp32_groups"):
+            self.kind, self.groups = "flat", list(zip(optimizer.bit16_groups,
+                                                      optimizer.single_partition_of_fp32_groups))
+        elif hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
+            self.kind, self.groups = "flat", list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition))
+        elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups") \
+                and not hasattr(optimizer, "fp32_groups_flat"):
+            self.kind = "per_param"
+            self.master_of = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                              for lp, hp in zip(lps, hps)}
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self.kind = "per_param"
+            self.master_of = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+        else:
+            raise ckpt.CheckpointError(f"canonical checkpoint: the optimizer {type(optimizer).__name__} is not "
+                                       f"one moe_train knows (ZeRO 0/1/2 around torch AdamW)")
+        self.base = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        if not isinstance(self.base, (torch.optim.AdamW, torch.optim.Adam)):
+            raise ckpt.CheckpointError(f"canonical checkpoint: the base optimizer is {type(self.base).__name__}; "
+                                       f"only Adam/AdamW state (exp_avg, exp_avg_sq, step) is stored")
+        if any(g.get("amsgrad") for g in self.base.param_groups):
+            raise ckpt.CheckpointError("canonical checkpoint: amsgrad keeps a third moment, which is not stored")
+        if self.kind == "flat":
+            self.group_of = {id(p): i for i, (lps, _) in enumerate(self.groups) for p in lps}
+
+    def _slot(self, param) -> Tensor:
+        """The tensor the base optimizer keys its state by for ``param``."""
+        if self.kind == "flat":
+            return self.groups[self.group_of[id(param)]][1]
+        return self.master_of[id(param)]
+
+    def has(self, param) -> bool:
+        return id(param) in (self.group_of if self.kind == "flat" else self.master_of)
+
+    def ensure_state(self) -> None:
+        """AdamW creates its state at the first step; a save before it, or a restore into
+        a fresh engine, needs it now: zero moments and step 0 (what AdamW would create),
+        then DeepSpeed's fragments linked to it (``lazy_init_hp_params_optimizer_state``:
+        always re-linked, since a ``load_state_dict`` replaces the state tensors)."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        slots = [hp for _, hp in self.groups] if self.kind == "flat" else list(self.master_of.values())
+        for hp in slots:
+            state = self.base.state[hp]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
+        if self.kind == "flat":
+            for lps, hp in self.groups:
+                lazy_init_hp_params_optimizer_state(lps, hp, self.base.state)
+
+    def get(self, param, key: str) -> Tensor:
+        """``key`` "master" or a moment: the full tensor this rank holds (a collective over
+        the parameter's data-parallel group in the flat case)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if self.kind == "flat":
+            return safe_get_full_fp32_param(param) if key == "master" \
+                else safe_get_full_optimizer_state(param, key)
+        if not self.has(param):  # frozen: not in the optimizer, the weight is its own master
+            return param.detach()
+        hp = self.master_of[id(param)]
+        return hp.detach() if key == "master" else self.base.state[hp][key].detach()
+
+    def set(self, param, key: str, value: Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if self.kind == "flat":
+            if key == "master":
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
+            return
+        hp = self.master_of[id(param)]
+        (hp.data if key == "master" else self.base.state[hp][key]).copy_(value)
+
+    def get_step(self, param) -> float:
+        step = self.base.state[self._slot(param)].get("step", 0.0)
+        return float(step)
+
+    def set_steps(self, steps: dict[int, float]) -> None:
+        """``steps``: id(param) -> step. All parameters of one flat partition share one
+        step count; different values for them cannot be represented (CheckpointError)."""
+        by_slot: dict[int, tuple[Tensor, set]] = {}
+        for pid, step in steps.items():
+            slot = self.groups[self.group_of[pid]][1] if self.kind == "flat" else self.master_of[pid]
+            by_slot.setdefault(id(slot), (slot, set()))[1].add(step)
+        for slot, values in by_slot.values():
+            if len(values) > 1:
+                raise ckpt.CheckpointError(f"canonical checkpoint: parameters sharing one ZeRO partition have "
+                                           f"different AdamW step counts {sorted(values)}")
+            old = self.base.state[slot]["step"]
+            self.base.state[slot]["step"] = torch.full_like(old, values.pop()) if torch.is_tensor(old) \
+                else values.pop()
+
+    def scaler(self) -> Optional[Any]:
+        return getattr(self.opt, "loss_scaler", None) or getattr(self.opt, "loss_scale_config", None)
+
+
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def scaler_state(optimizer) -> dict:
+    """The loss scaler's position (fp16 dynamic scaling; static 1.0 otherwise)."""
+    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    if obj is None:
+        return {}
+    state = {k: getattr(obj, k) for k in SCALER_FIELDS if isinstance(getattr(obj, k, None), (int, float))}
+    state["dynamic"] = bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
+    return state
+
+
+def _restore_scaler(optimizer, saved: dict) -> str:
+    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    dynamic = obj is not None and bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
+    if not saved.get("dynamic"):
+        return ""
+    if not dynamic:
+        return f"; the saved fp16 loss scale {saved.get('cur_scale')} is not used (this run scales no loss)"
+    for key in SCALER_FIELDS:
+        if key in saved and hasattr(obj, key):
+            setattr(obj, key, saved[key])
+    return f"; loss scale {saved.get('cur_scale')}"
+
+
+# ------------------------------------------------------------------------ gathering
+
+
+def _names(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
+    """(logical parameters, persistent buffers) by name; a tensor shared by several
+    modules appears once, under its first name."""
+    params = dict(model.named_parameters())
+    keys = set(model.state_dict(keep_vars=True))
+    buffers = {n: b for n, b in model.named_buffers() if n in keys}
+    return params, buffers
+
+
+def gather_state(model: nn.Module, optimizer) -> tuple[dict[str, Tensor], set[str]]:
+    """Every canonical tensor as this rank holds it (CPU copies): dense ones whole,
+    expert ones as this rank's ``[E_local, ...]`` rows. A collective: every rank calls
+    it. Returns (tensors by DCP key, the keys that are expert tensors)."""
+    view = OptimizerView(optimizer, model)
+    view.ensure_state()
+    params, buffers = _names(model)
+    out, expert_keys = {}, set()
+    for name, p in params.items():
+        keys = [f"master/{name}"] + ([f"{m}/{name}" for m in MOMENTS] if view.has(p) else [])
+        for key in keys:
+            value = view.get(p, key.split("/", 1)[0])
+            out[key] = (value if value is not None else p.detach()).float().cpu().clone()
+        if view.has(p):
+            out[f"step/{name}"] = torch.tensor(view.get_step(p), dtype=torch.float32)
+        if is_expert_param(p):
+            expert_keys.update(k for k in keys)
+    for name, b in buffers.items():
+        out[f"buffer/{name}"] = b.detach().cpu().clone()
+    return out, expert_keys
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _records(tensors: dict[str, Tensor], expert_keys: set[str], groups: ParallelGroups) -> dict:
+    """Manifest records of the tensors this rank is responsible for: dense tensors
+    round-robin over the ranks, expert rows on the first EP block (one CRC per expert)."""
+    topo, rank = groups.topology, groups.rank
+    out = {}
+    for i, key in enumerate(sorted(tensors)):
+        t = tensors[key]
+        if key in expert_keys:
+            if rank < topo.ep_size:
+                first = topo.local_experts(rank).start
+                out[key] = {"rows": {first + j: mf.tensor_crc32(t[j]) for j in range(t.shape[0])},
+                            "shape": [topo.num_experts, *t.shape[1:]],
+                            "dtype": str(t.dtype).removeprefix("torch.")}
+        elif i % topo.world_size == rank:
+            out[key] = mf.tensor_record(t)
+    return out
+
+
+def _merge_records(parts: list[dict]) -> dict:
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for key, rec in part.items():
+            if "rows" in rec:
+                entry = merged.setdefault(key, {"shape": rec["shape"], "dtype": rec["dtype"], "rows": {}})
+                entry["rows"].update(rec["rows"])
+            else:
+                merged[key] = rec
+    for rec in merged.values():
+        if "rows" in rec:
+            rows = rec.pop("rows")
+            rec["rows_crc32"] = [rows[e] for e in sorted(rows)]
+    return dict(sorted(merged.items()))
+
+
+def check_tensors(records: dict, tensors: dict[str, Tensor], first_expert: int, where: str) -> list[str]:
+    """Problems between manifest ``records`` and tensors read back (dense whole, experts
+    as rows starting at global expert id ``first_expert``), each naming the tensor."""
+    problems = []
+    for key in sorted(tensors):
+        rec, t = records.get(key), tensors[key]
+        if rec is None:
+            problems.append(f"{where}: tensor {key} is not in the manifest")
+            continue
+        dtype = str(t.dtype).removeprefix("torch.")
+        if "rows_crc32" in rec:
+            if list(t.shape[1:]) != rec["shape"][1:] or dtype != rec["dtype"]:
+                problems.append(f"{where}: tensor {key} is {dtype} {tuple(t.shape)}, the manifest says "
+                                f"{rec['dtype']} {tuple(rec['shape'])}")
+                continue
+            for j in range(t.shape[0]):
+                if mf.tensor_crc32(t[j]) != rec["rows_crc32"][first_expert + j]:
+                    problems.append(f"{where}: tensor {key}, expert {first_expert + j}, is corrupted "
+                                    f"(checksum differs from the manifest)")
+        else:
+            problems.extend(mf.compare_tensors({key: rec}, {key: t}, where))
+    return problems
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def _mesh(groups: ParallelGroups):
+    """DCP's view of the layout: a (expert-data-parallel x expert-parallel) mesh made from
+    our own process groups (no new groups), or None at ep 1 (experts are whole)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    topo = groups.topology
+    if topo.ep_size == 1:
+        return None
+    return DeviceMesh.from_group([groups.edp, groups.ep], "cpu",
+                                 mesh=torch.arange(topo.world_size).reshape(topo.edp_size, topo.ep_size),
+                                 mesh_dim_names=("edp", "ep"))
+
+
+def _as_dcp(tensors: dict[str, Tensor], expert_keys: set[str], mesh) -> dict:
+    if mesh is None:
+        return dict(tensors)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return {k: DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False) if k in expert_keys else t
+            for k, t in tensors.items()}
+
+
+def _agree(error: Optional[str], world: int) -> list[str]:
+    return [e for e in ckpt._agree(error, world) if e]
+
+
+def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: ckpt.TrainState,
+         groups: ParallelGroups, config: dict) -> Path:
+    """Writes ``step_dir/canonical`` atomically (module docstring). Every rank calls it.
+
+    Raises:
+        CheckpointError on every rank when any rank failed; nothing was published and
+        ``step_dir`` (the engine checkpoint) is untouched.
+    """
+    step_dir = Path(step_dir)
+    tmp, final = step_dir / f".tmp_{DIRNAME}", step_dir / DIRNAME
+    topo, rank, world = groups.topology, groups.rank, groups.topology.world_size
+    tensors, expert_keys = gather_state(model, optimizer)
+    records = ckpt._gather(_records(tensors, expert_keys, groups), world)
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = f"rank 0: cannot create {tmp}: {err}"
+    _raise_if(_agree(error, world), state.step, tmp, rank)
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(_as_dcp(tensors, expert_keys, _mesh(groups)), checkpoint_id=str(tmp))
+    except Exception as err:  # DCP re-raises every rank's failure on every rank
+        error = f"rank {rank}: writing {tmp} failed: {type(err).__name__}: {str(err)[:300]}"
+    _raise_if(_agree(error, world), state.step, tmp, rank)
+    if rank == 0:
+        try:
+            _publish(tmp, final, state, topo, config, _merge_records(records), scaler_state(optimizer))
+        except OSError as err:
+            error = f"rank 0: publishing {final} failed: {err}"
+    _raise_if(_agree(error, world), state.step, tmp, rank)
+    return final
+
+
+def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
+    if not errors:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise ckpt.CheckpointError(f"canonical checkpoint of step {step} failed: {'; '.join(errors)}. "
+                               f"Nothing was published; the engine checkpoint {tmp.parent} is intact")
+
+
+def _publish(tmp: Path, final: Path, state: ckpt.TrainState, topo, config: dict, records: dict,
+             scaler: dict) -> None:
+    entries = {p.name: {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
+               for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = mf.build_manifest(entries)
+    manifest["tensors"] = records
+    meta = {"format": FORMAT_VERSION, "kind": KIND, "complete": True, "step": state.step,
+            "tokens_seen": state.tokens_seen, "train_state": asdict(state),
+            "topology": {"world_size": topo.world_size, "ep_size": topo.ep_size, "num_experts": topo.num_experts},
+            "config": config, "versions": ckpt._provenance(), "saved_at": time.time(),
+            "files": {name: e["bytes"] for name, e in entries.items()}, "loss_scaler": scaler,
+            "manifest": manifest}
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # the same step converted again
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+def is_canonical(path: Path) -> bool:
+    meta = ckpt.read_meta(Path(path))
+    return bool(meta and meta.get("kind") == KIND)
+
+
+def complete_canonical(step_dir: Path) -> Optional[Path]:
+    """``step_dir/canonical`` when it is a complete canonical checkpoint."""
+    path = Path(step_dir) / DIRNAME
+    meta = ckpt.read_meta(path)
+    return path if meta and meta.get("kind") == KIND and meta.get("complete") else None
+
+
+def read_all(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a canonical checkpoint, whole (experts ``[E, ...]``), in this one
+    process, without a process group: for inspection, export and tests."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
+    dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    return out
+
+
+def verify(path: str | Path) -> list[str]:
+    """Every problem of the canonical checkpoint at ``path`` (empty: sound): meta.json,
+    every file's presence, size and CRC-32; when a file differs, the tensors are read to
+    name the ones that differ. Needs no model and no process group."""
+    path = Path(path)
+    meta = ckpt.read_meta(path)
+    if meta is None:
+        return [f"{path}: no readable meta.json (not a canonical checkpoint, or a save that never finished)"]
+    if meta.get("kind") != KIND or not meta.get("complete") or "manifest" not in meta:
+        return [f"{path}: meta.json does not describe a complete canonical checkpoint"]
+    manifest, problems = meta["manifest"], []
+    for name, entry in manifest["files"].items():
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{path}/{name}: file is missing")
+        elif p.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}/{name}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                            f"(truncated or rewritten)")
+        elif mf.file_crc32(p) != entry["crc32"]:
+            problems.append(f"{path}/{name}: corrupted (checksum differs from the manifest)")
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.name not in manifest["files"] and p.name != "meta.json":
+            problems.append(f"{path}/{p.name}: file is not in the manifest")
+    if problems:
+        try:
+            tensors = read_all(path)
+        except Exception as err:  # a torn file: DCP cannot read it at all
+            return problems + [f"{path}: cannot be read ({type(err).__name__}: {str(err)[:160]})"]
+        named = check_tensors(manifest["tensors"], tensors, 0, str(path))
+        named += [f"{path}: tensor {k} is missing (the manifest lists it)"
+                  for k in sorted(set(manifest["tensors"]) - set(tensors))]
+        problems = named + problems
+    return problems
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    """A canonical checkpoint as this rank needs it: dense tensors whole, experts as this
+    rank's rows (CPU), with the checkpoint's meta."""
+
+    path: Path
+    meta: dict
+    tensors: dict[str, Tensor]
+
+
+def load(path: str | Path, model: nn.Module, groups: ParallelGroups) -> Loaded:
+    """Reads what this rank needs at ITS layout (a collective: every rank calls it) and
+    checks it against the manifest: the names must be the model's, the shapes must fit,
+    every tensor read must match its checksum.
+
+    Raises:
+        CheckpointError on every rank, naming the first problem of any rank.
+    """
+    path = Path(path)
+    meta = ckpt.read_meta(path) or {}
+    records, topo, rank = meta["manifest"]["tensors"], groups.topology, groups.rank
+    params, buffers = _names(model)
+    want: dict[str, Tensor] = {}
+    expert_keys: set[str] = set()
+    for name, p in params.items():
+        keys = [f"master/{name}"] + [f"{m}/{name}" for m in MOMENTS] * p.requires_grad
+        for key in keys:
+            want[key] = torch.zeros(p.shape, dtype=torch.float32)
+            if is_expert_param(p):
+                expert_keys.add(key)
+        if p.requires_grad:
+            want[f"step/{name}"] = torch.zeros((), dtype=torch.float32)
+    for name, b in buffers.items():
+        want[f"buffer/{name}"] = torch.zeros(b.shape, dtype=getattr(torch, records.get(
+            f"buffer/{name}", {}).get("dtype", str(b.dtype).removeprefix("torch."))))
+    error = _names_and_shapes(records, want, expert_keys, topo, path)
+    if error is None:
+        sd = _as_dcp(want, expert_keys, _mesh(groups))
+        import torch.distributed.checkpoint as dcp
+
+        try:
+            dcp.load(sd, checkpoint_id=str(path))
+        except Exception as err:
+            error = f"rank {rank}: reading {path} failed: {type(err).__name__}: {str(err)[:300]}"
+    if error is None:
+        first = topo.local_experts(rank).start
+        problems = check_tensors(records, {k: v for k, v in want.items() if k not in expert_keys}, 0,
+                                 f"rank {rank}: {path}")
+        problems += check_tensors(records, {k: want[k] for k in expert_keys}, first, f"rank {rank}: {path}")
+        error = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") if problems else None
+    errors = _agree(error, topo.world_size)
+    if errors:
+        raise ckpt.CheckpointError(errors[0])
+    return Loaded(path, meta, want)
+
+
+def _names_and_shapes(records: dict, want: dict[str, Tensor], expert_keys: set[str], topo,
+                      path: Path) -> Optional[str]:
+    missing, extra = sorted(set(want) - set(records)), sorted(set(records) - set(want))
+    if missing or extra:
+        return (f"canonical checkpoint {path}: tensors differ from the model: missing {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+    for key, t in want.items():
+        shape = [topo.num_experts, *t.shape[1:]] if key in expert_keys else list(t.shape)
+        if records[key]["shape"] != shape:
+            return (f"canonical checkpoint {path}: {key} has shape {tuple(records[key]['shape'])}, "
+                    f"this model needs {tuple(shape)}")
+    return None
+
+
+@torch.no_grad()
+def apply_to_model(model: nn.Module, loaded: Loaded) -> None:
+    """Weights from the fp32 masters and the buffers, BEFORE the engine is built (so any
+    low-precision copy DeepSpeed makes starts from them)."""
+    params, buffers = _names(model)
+    for name, p in params.items():
+        p.copy_(loaded.tensors[f"master/{name}"])
+    for name, b in buffers.items():
+        b.copy_(loaded.tensors[f"buffer/{name}"])
+
+
+@torch.no_grad()
+def restore_optimizer(optimizer, model: nn.Module, loaded: Loaded) -> str:
+    """Masters, then moments, then steps set through the accessors (ZeRO 1/2) or the
+    optimizer's own state (ZeRO 0), then the low-precision weights refreshed from the
+    masters. Local writes only (the setters are not collectives). Returns a summary."""
+    view = OptimizerView(optimizer, model)
+    view.ensure_state()
+    params, _ = _names(model)
+    steps = {}
+    for name, p in params.items():
+        master = loaded.tensors[f"master/{name}"].to(p.device)
+        if view.has(p):
+            view.set(p, "master", master)
+            for key in MOMENTS:
+                view.set(p, key, loaded.tensors[f"{key}/{name}"].to(p.device))
+            steps[id(p)] = float(loaded.tensors[f"step/{name}"])
+        p.data.copy_(master.to(p.dtype))  # the low-precision weights follow the masters
+    view.set_steps(steps)
+    adam_steps = sorted(set(steps.values()))
+    return (f"AdamW step {', '.join(f'{s:g}' for s in adam_steps)}"
+            f"{_restore_scaler(optimizer, loaded.meta.get('loss_scaler', {}))}")
+
+
+def reseed(seed: int, step: int, rank: int) -> int:
+    """Seeds python, numpy and torch from (seed, step, rank); returns the derived seed."""
+    derived = zlib.crc32(f"moe_train/{seed}/{step}/{rank}".encode())
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)
+    return derived
+
+
+# ----------------------------------------------------------------------- resume choice
+
+
+@dataclass
+class ResumeSource:
+    """What a resume loads. ``kind``: "engine" (same layout: exact, ZeRO partitions and
+    RNG), "canonical" (any layout), "weights" (a weights-only checkpoint: fresh optimizer
+    by design), "fresh_optimizer" (an engine checkpoint at another layout, weights only,
+    with ``checkpoint.fresh_optimizer_on_new_layout`` set)."""
+
+    kind: str
+    path: Path
+
+
+def _layout(meta: dict) -> str:
+    cfg, topo = meta.get("config", {}), meta["topology"]
+    return (f"world {topo['world_size']}, ep {topo['ep_size']}, "
+            f"ZeRO {cfg.get('parallel', {}).get('zero_stage', '?')}, {cfg.get('train', {}).get('dtype', '?')}")
+
+
+def choose_resume(root: str | Path, resume: str, topo, config: dict) -> Optional[ResumeSource]:
+    """Which checkpoint ``--resume`` (auto, none or a path) loads, and how.
+
+    An engine checkpoint at this layout resumes exactly. At another layout its canonical
+    checkpoint (``step_N/canonical``) is loaded, and never silently an optimizer state
+    re-initialised: without one, the resume fails naming the conversion command, the
+    newest older canonical checkpoint if there is one, and the opt-in
+    ``checkpoint.fresh_optimizer_on_new_layout``.
+
+    Raises:
+        CheckpointError: a checkpoint that fails verification, or the case above.
+    """
+    path = ckpt.find_checkpoint(root, resume)
+    if path is None:
+        return None
+    meta = ckpt.read_meta(path) or {}
+    if meta.get("kind") == KIND:
+        return ResumeSource("canonical", path)
+    if ckpt.same_layout(meta, topo, config):
+        return ResumeSource("engine", path)
+    if meta.get("weights_only"):
+        return ResumeSource("weights", path)
+    canonical = complete_canonical(path)
+    if canonical is not None:
+        problems = verify(canonical)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ckpt.CheckpointError(f"{canonical} is needed to resume {path} on another layout but fails "
+                                       f"verification: {problems[0]}{more}; rewrite it with "
+                                       f"`moe-train ckpt canonical {path}`")
+        return ResumeSource("canonical", canonical)
+    if config.get("checkpoint", {}).get("fresh_optimizer_on_new_layout"):
+        return ResumeSource("fresh_optimizer", path)
+    older = [p for p, _, ok in reversed(ckpt.list_checkpoints(path.parent))
+             if ok and p.name < path.name and complete_canonical(p) is not None]
+    alternative = f"; or resume from the older {older[0] / DIRNAME} (--resume PATH)" if older else ""
+    here = (f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {config['parallel']['zero_stage']}, "
+            f"{config['train']['dtype']}")
+    raise ckpt.CheckpointError(
+        f"{path} was saved at {_layout(meta)} and has no canonical checkpoint; this run is {here}, where "
+        f"its ZeRO-partitioned optimizer state cannot be read. Convert it with `moe-train ckpt canonical "
+        f"{path}` and resume again{alternative}; or set checkpoint.fresh_optimizer_on_new_layout=true to "
+        f"load its weights and start AdamW's moments from zero")
+
+
+# ------------------------------------------------------------------------ conversion
+
+
+def convert(path: str | Path, timeout_s: Optional[float] = None) -> Path:
+    """Writes ``PATH/canonical`` from the engine checkpoint ``PATH`` (a step directory, or
+    a checkpoint.dir: its newest complete checkpoint).
+
+    Reading ZeRO partitions needs the layout they were saved at, so this runs the saved
+    world size of processes: under a launcher (torchrun, srun, mpirun with that many
+    ranks) it is one of them; otherwise it starts them itself as gloo processes on this
+    machine's CPU (each holds the model and its ZeRO partition: budget about the
+    training-time memory per rank, in host RAM).
+
+    Raises:
+        CheckpointError: the checkpoint fails verification or a rank fails.
+        ValueError: a weights-only checkpoint, or a launcher with another world size.
+    """
+    from moe_train.parallel.init import discover
+
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        found = ckpt.find_checkpoint(path, "auto")
+        if found is None:
+            raise ValueError(f"{path}: neither a checkpoint (no meta.json) nor a checkpoint.dir holding one")
+        path = found
+    problems = ckpt.verify_checkpoint(path)
+    if problems:
+        raise ckpt.CheckpointError(f"{path} fails verification: {problems[0]}")
+    meta = ckpt.read_meta(path)
+    if meta.get("kind") == KIND:
+        raise ValueError(f"{path} is already a canonical checkpoint")
+    if meta.get("weights_only"):
+        raise ValueError(f"{path} is a weights-only checkpoint: it has no optimizer state to convert, and "
+                         f"`train --resume {path}` already loads it at any layout")
+    world = meta["topology"]["world_size"]
+    env = discover()
+    if env.source != "single":
+        if env.world_size != world:
+            raise ValueError(f"{path} was saved by {world} ranks; this launch has {env.world_size}: run "
+                             f"`moe-train ckpt canonical` with {world} ranks, or with no launcher")
+        _convert_rank(str(path), cpu=False)
+    else:
+        _spawn_convert(path, world, timeout_s or meta["config"]["parallel"].get("timeout_s", 600) + 300)
+    out = path / DIRNAME
+    problems = verify(out)
+    if problems:
+        raise ckpt.CheckpointError(f"{out} was written but fails verification: {problems[0]}")
+    return out
+
+
+def _convert_rank(path: str, cpu: bool) -> None:
+    """One rank of ``convert``: the engine at the saved layout, the engine checkpoint
+    loaded exactly (weights, ZeRO partitions), then ``save``."""
+    from moe_train.config import config_from_dict
+    from moe_train.engine import build_engine
+    from moe_train.parallel.groups import build_groups
+    from moe_train.parallel.init import init_distributed
+    from moe_train.parallel.topology import Topology
+    from moe_train.train import build_model
+
+    meta = ckpt.read_meta(Path(path))
+    cfg = config_from_dict(meta["config"])
+    if cpu:
+        cfg.parallel.device, cfg.parallel.backend = "cpu", "gloo"
+    env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
+                                   always_group=True)
+    try:
+        topo = Topology(env.world_size, meta["topology"]["ep_size"], meta["topology"]["num_experts"])
+        groups = build_groups(topo, env.rank)
+        model = build_model(cfg, groups, device)
+        ckpt.load_model_weights(Path(path), model, topo, env.rank)
+        engine = build_engine(cfg, model, groups)
+        saved = ckpt.load_rank_state(Path(path), env.rank)
+        ckpt.load_optimizer_state(engine.optimizer, saved["optimizer"], topo.world_size)
+        save(path, model=engine.module, optimizer=engine.optimizer,
+             state=ckpt.TrainState(**meta["train_state"]), groups=groups, config=meta["config"])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _convert_worker(rank: int, world: int, port: int, path: str, result: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        _convert_rank(path, cpu=True)
+        Path(result).write_text("ok")
+    except BaseException as err:  # the parent reports the first rank's failure
+        Path(result).write_text(f"{type(err).__name__}: {err}")
+
+
+def _spawn_convert(path: Path, world: int, timeout_s: float) -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from moe_train.parallel.init import _free_local_port
+
+    ctx = mp.get_context("spawn")
+    port = _free_local_port()
+    with tempfile.TemporaryDirectory() as out:
+        results = [os.path.join(out, f"rank{r}") for r in range(world)]
+        procs = [ctx.Process(target=_convert_worker, args=(r, world, port, str(path), results[r]))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for rank, res in enumerate(results):
+            text = Path(res).read_text() if os.path.exists(res) else \
+                f"no result (exit code {procs[rank].exitcode}; killed after {timeout_s:.0f} s?)"
+            if text != "ok":
+                raise ckpt.CheckpointError(f"converting {path} to a canonical checkpoint: rank {rank} of {world} "
+                                           f"(gloo, CPU) failed: {text}")

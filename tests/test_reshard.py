@@ -1,0 +1,287 @@
+"""Resharding through the canonical checkpoint (issue 12; MOE_REFERENCE parity invariant 9).
+
+One straight run at A = (world 4, ep 2, ZeRO 2) writes canonical checkpoints at steps 3
+and 6 (module fixture). Each other layout B then, in one process per rank:
+  1. loads A's step-3 canonical checkpoint through the accessors and writes it back out
+     from B: masters, moments and steps bitwise equal to A's (nothing lost or rounded);
+  2. trains steps 4..6 through ``train(resume=...)``: the losses equal A's to 1e-5
+     relative (dropout and router jitter off, no dropped tokens, the same global batch at
+     every layout: micro-batch 2, accumulation making up the world size).
+A -> B -> A is bitwise; a plain ``torch.optim.AdamW`` given the canonical state and the
+engine's gradients steps to the engine's masters; a sample-id ledger over resumes at
+4 -> 2 -> 3 ranks with the real streaming loader sees every sample of the epoch once.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from engine_harness import GlobalBatchLoader, make_cfg
+from moe_train import canonical
+from moe_train import checkpoint as ckpt
+from moe_train.config import config_from_dict, config_to_dict
+from moe_train.data.synthetic import sample_id, write_synthetic_dataset
+
+SAVE_AT, END = 3, 6
+A = (4, 2, 2)  # world, ep, ZeRO stage
+LAYOUTS = [(4, 4, 1), (2, 1, 0), (1, 1, 2)]
+
+
+def _cfg(tmp, world, ep, zero, **extra):
+    """TINY with no dropped tokens (capacity factor E / k) and no clipping, micro-batch 2
+    and accumulation 4 / world: the global batch of 8 rows is the same at every layout."""
+    sections = {"parallel": {"expert_parallel_size": ep, "zero_stage": zero},
+                "moe": {"capacity_factor": 2.0}, "optim": {"grad_clip": 0.0},
+                "data": {"micro_batch_size": 2},
+                "train": {"max_steps": END, "grad_accum_steps": 4 // world},
+                "checkpoint": {"canonical_every_steps": SAVE_AT}}
+    for k, v in extra.items():
+        sections.setdefault(k, {}).update(v)
+    return make_cfg(tmp, **sections)
+
+
+class StepLoader(GlobalBatchLoader):
+    """GlobalBatchLoader whose position survives a change of accumulation steps (its
+    state counts micro-batches, which mean different steps at another accumulation)."""
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "gas": self.gas}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = state["pos"] // state["gas"] * self.gas
+
+
+def _loaders(cfg):
+    def loaders(rank, world):
+        return StepLoader(rank, world, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
+                          cfg.data.seq_len, cfg.model.vocab_size), None
+    return loaders
+
+
+def _train_worker(rank, world, raw_cfg, resume):
+    from moe_train.train import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = config_from_dict(raw_cfg)
+    return train(cfg, resume=resume, loaders=_loaders(cfg)).losses
+
+
+def _engine_from_canonical(cfg, src, rank, world):
+    """Model, engine and the canonical state of ``src`` loaded at this layout (the
+    library calls ``train`` makes, without the loop)."""
+    from moe_train.engine import build_engine
+    from moe_train.parallel.groups import build_groups
+    from moe_train.parallel.topology import Topology
+    from moe_train.train import build_model
+
+    groups = build_groups(Topology(world, cfg.parallel.expert_parallel_size, cfg.moe.num_experts), rank)
+    model = build_model(cfg, groups, torch.device("cpu"))
+    loaded = canonical.load(src, model, groups)
+    canonical.apply_to_model(model, loaded)
+    engine = build_engine(cfg, model, groups)
+    canonical.restore_optimizer(engine.optimizer, engine.module, loaded)
+    return engine, groups, loaded
+
+
+def _one_engine_step(engine, cfg):
+    """One optimizer step on a fixed batch; returns (full fp32 gradients the optimizer
+    used, by name; the learning rate)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from moe_train.engine import set_lr
+    from moe_train.moe.losses import total_loss
+
+    tokens = GlobalBatchLoader(0, 1, 8, 1, cfg.data.seq_len, cfg.model.vocab_size, seed=5)._global_batch(0)
+    ds = engine.ds
+    ds.set_gradient_accumulation_boundary(True)
+    out = ds(tokens[:, :-1], tokens[:, 1:])
+    ds.backward(total_loss(out.lm_loss, out.moe_losses, cfg.moe, out.moe_seq_losses))
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    set_lr(engine, 3e-3)
+    ds.step()
+    return grads, 3e-3
+
+
+def _reshard_worker(rank, world, raw_cfg, src, dst, then_train, adamw):
+    """Loads ``src`` at this layout, writes it back out as ``dst/canonical``; optionally
+    one engine step (for the AdamW comparison) into ``dst/after_step``; then trains from
+    ``src`` through ``train`` (a second engine in this process) when ``then_train``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = config_from_dict(raw_cfg)
+    engine, groups, loaded = _engine_from_canonical(cfg, src, rank, world)
+    state = ckpt.TrainState(**loaded.meta["train_state"])
+    canonical.save(dst, model=engine.module, optimizer=engine.optimizer, state=state, groups=groups,
+                   config=raw_cfg)
+    out = {}
+    if adamw:
+        out["grads"], out["lr"] = _one_engine_step(engine, cfg)
+        canonical.save(Path(dst) / "after_step", model=engine.module, optimizer=engine.optimizer,
+                       state=state, groups=groups, config=raw_cfg)
+    if then_train:
+        out["losses"] = _train_worker(rank, world, raw_cfg, src)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A = (4, 2, ZeRO 2), steps 1..6, canonical checkpoints at steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _cfg(tmp, *A)
+    losses = run_ranks(_train_worker, A[0], timeout_s=300, raw_cfg=config_to_dict(cfg), resume="none")[0]
+    src = Path(cfg.checkpoint.dir) / ckpt.step_dir_name(SAVE_AT) / canonical.DIRNAME
+    return {"losses": losses, "src": src, "tmp": tmp, "state": canonical.read_all(src)}
+
+
+_RESUMED: dict = {}
+
+
+def _resumed(straight, layout):
+    """Layout B's reshard worker, run once per module."""
+    if layout not in _RESUMED:
+        world, ep, zero = layout
+        tmp = straight["tmp"] / f"b_{world}_{ep}_{zero}"
+        raw = config_to_dict(_cfg(tmp, world, ep, zero))
+        out = run_ranks(_reshard_worker, world, timeout_s=300, raw_cfg=raw, src=str(straight["src"]),
+                        dst=str(tmp / "loaded"), then_train=True, adamw=layout == (1, 1, 2))
+        _RESUMED[layout] = (tmp / "loaded" / canonical.DIRNAME, out[0])
+    return _RESUMED[layout]
+
+
+def _assert_bitwise(a: dict, b: dict, what: str):
+    assert sorted(a) == sorted(b), what
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"{what}: {key}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"world{l[0]}_ep{l[1]}_zero{l[2]}")
+def test_resume_on_another_layout_is_bitwise_then_trains_like_the_straight_run(straight, layout):
+    written, out = _resumed(straight, layout)
+    saved = straight["state"]
+    assert any(k.startswith("exp_avg_sq/") and ".experts." in k for k in saved)  # moments of experts
+    assert all(float(v) == SAVE_AT for k, v in saved.items() if k.startswith("step/"))
+    _assert_bitwise(canonical.read_all(written), saved, f"A -> {layout}")
+    assert sorted(out["losses"]) == [4, 5, 6]
+    for step, loss in out["losses"].items():
+        want = straight["losses"][step]
+        assert abs(loss - want) <= 1e-5 * abs(want), (layout, step, loss, want)
+
+
+def test_a_to_b_to_a_is_bitwise(straight):
+    """A's step-3 state loaded at (2, 1, ZeRO 0) and written there, then loaded at A
+    again and written: every tensor bitwise A's."""
+    written_at_b, _ = _resumed(straight, (2, 1, 0))
+    tmp = straight["tmp"] / "back_to_a"
+    run_ranks(_reshard_worker, A[0], timeout_s=300, raw_cfg=config_to_dict(_cfg(tmp, *A)),
+              src=str(written_at_b), dst=str(tmp), then_train=False, adamw=False)
+    _assert_bitwise(canonical.read_all(tmp / canonical.DIRNAME), straight["state"], "A -> B -> A")
+
+
+def test_plain_adamw_from_the_canonical_state_steps_to_the_engine_masters(straight):
+    """torch.optim.AdamW with the canonical masters, moments and step, the engine's
+    weight-decay groups and the gradients the engine used: one step gives the masters
+    the engine (ZeRO 2, flat partitions) wrote after its step."""
+    from moe_train.engine import optimizer_param_groups
+    from moe_train.model.transformer import MoETransformer
+
+    written, out = _resumed(straight, (1, 1, 2))
+    before, after = straight["state"], canonical.read_all(written.parent / "after_step" / canonical.DIRNAME)
+    cfg = _cfg(straight["tmp"] / "adamw", 1, 1, 2)
+    model = MoETransformer(cfg.model, cfg.moe)
+    groups = optimizer_param_groups(model, cfg.optim)
+    o = cfg.optim
+    opt = torch.optim.AdamW(groups, lr=out["lr"], betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(before[f"master/{name}"])
+            p.grad = out["grads"][name].clone()
+            opt.state[p] = {"step": before[f"step/{name}"].clone(),
+                            "exp_avg": before[f"exp_avg/{name}"].clone(),
+                            "exp_avg_sq": before[f"exp_avg_sq/{name}"].clone()}
+    opt.step()
+    changed = 0
+    for name, p in model.named_parameters():
+        want = after[f"master/{name}"]
+        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=1e-9), name
+        changed += int(not torch.equal(want, before[f"master/{name}"]))
+        assert float(after[f"step/{name}"]) == SAVE_AT + 1
+    assert changed == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------- sample ledger
+
+
+class Recording:
+    """The real streaming loader, noting the id of every sample it hands out."""
+
+    def __init__(self, inner):
+        self.inner, self.manifest, self.ids = inner, inner.manifest, []
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.ids += [sample_id(row) for row, keep in zip(batch["input_ids"], batch["sample_mask"]) if keep]
+            yield batch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def _ledger_worker(rank, world, raw_cfg):
+    from moe_train.data import build_train_loader
+    from moe_train.train import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    cfg = config_from_dict(raw_cfg)
+    made = []
+
+    def loaders(r, w):
+        made.append(Recording(build_train_loader(cfg.data, r, w)))
+        return made[-1], None
+
+    result = train(cfg, resume="auto", loaders=loaders)
+    return made[0].ids, result.final_step
+
+
+def test_sample_ledger_over_resumes_at_4_2_3_ranks_sees_the_epoch_once(tmp_path):
+    """60 samples, micro-batch 2, no sample shuffle (so a re-split skips nothing): 2 steps
+    at 4 ranks (16 samples), 2 at 2 ranks (8), then 6 at 3 ranks (36): every sample
+    exactly once; each change of layout resumed from the canonical checkpoint."""
+    write_synthetic_dataset(str(tmp_path / "shards"), [20, 17, 13, 10], seq_len=16, vocab_size=512)
+    seen = []
+    for world, ep, steps in ((4, 2, 2), (2, 2, 4), (3, 1, 10)):
+        cfg = make_cfg(tmp_path, model={"vocab_size": 512},
+                       data={"manifest": str(tmp_path / "shards" / "manifest.json"), "micro_batch_size": 2,
+                             "shuffle_buffer": 0},
+                       parallel={"expert_parallel_size": ep, "zero_stage": 2},
+                       train={"max_steps": steps}, checkpoint={"canonical_every_steps": 100})
+        results = run_ranks(_ledger_worker, world, timeout_s=300, raw_cfg=config_to_dict(cfg))
+        assert all(final == steps for _, final in results)
+        seen += [i for ids, _ in results for i in ids]
+        assert canonical.complete_canonical(Path(cfg.checkpoint.dir) / ckpt.step_dir_name(steps))
+    assert sorted(seen) == list(range(60)), sorted(seen)
+
+
+# --------------------------------------------------------------------- refusals
+
+
+def test_engine_only_checkpoint_on_another_layout_is_refused_naming_the_conversion(tmp_path):
+    """No silent optimizer re-initialisation: an engine checkpoint without a canonical
+    one does not resume on another layout; the refusal names the conversion command and
+    the opt-in."""
+    from moe_train.parallel.topology import Topology
+
+    model = torch.nn.Linear(3, 2)
+    raw = config_to_dict(make_cfg(tmp_path, parallel={"expert_parallel_size": 2}))
+    ckpt.save_checkpoint(tmp_path / "ckpt", model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                         state=ckpt.TrainState(step=4), topo=Topology(1, 1, 4), rank=0, config=raw, keep_last=2)
+    with pytest.raises(ckpt.CheckpointError, match=r"saved at world 1, ep 1, ZeRO 1, fp32 and has no canonical "
+                                                   r"checkpoint; this run is world 2, ep 2.*moe-train ckpt canonical "
+                                                   r".*step_00000004.*fresh_optimizer_on_new_layout=true"):
+        canonical.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
+    raw["checkpoint"]["fresh_optimizer_on_new_layout"] = True
+    assert canonical.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
