@@ -104,15 +104,22 @@ class UpcycleReport:
     dense_step: int = 0
     tokens_seen: int = 0
     data_position: str = ""
+    num_experts: int = 0
+    top_k: int = 0
+    expert_d_ff: int = 0
 
     def lines(self) -> list[str]:
         from moe_train.model.sizing import human_count
 
-        cfg_moe = f"{len(self.moe_blocks)} MoE blocks ({', '.join(map(str, self.moe_blocks))})"
+        cfg_moe = (f"{len(self.moe_blocks)} MoE blocks ({', '.join(map(str, self.moe_blocks))}) of "
+                   f"{self.num_experts} experts, top-{self.top_k}, expert d_ff {self.expert_d_ff}")
         status = ("yes" if self.exact else "NO (--allow-inexact): " + "; ".join(self.inexact))
         return [
             f"upcycled {self.dense_path} (step {self.dense_step}) -> {self.path}",
-            f"{cfg_moe}; granularity G_u = {self.granularity}",
+            f"{cfg_moe}; granularity G_u = {self.granularity}"
+            + (" (each expert a copy of the dense MLP)" if self.granularity == 1 else
+               f" (expert e: hidden shard e mod {self.granularity} of the dense MLP, down projection x "
+               f"{self.granularity})"),
             f"parameters: {human_count(self.params_before)} -> {human_count(self.params_after)} "
             f"({self.params_before:,} -> {self.params_after:,}); per token "
             f"{human_count(self.active_before)} -> {human_count(self.active_after)}",
@@ -340,5 +347,6 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[
                          params_before=before.total, params_after=after.total,
                          active_before=before.active_per_token, active_after=after.active_per_token,
                          max_logit_diff=diff, dense_path=loaded.path, dense_step=int(meta.get("step", 0)),
-                         tokens_seen=state.tokens_seen, data_position=position)
+                         tokens_seen=state.tokens_seen, data_position=position,
+                         num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, expert_d_ff=cfg.moe.d_ff)
 

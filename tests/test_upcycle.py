@@ -100,9 +100,13 @@ def test_router_lm_gradient_is_zero_in_exact_mode(tmp_path):
     inexact = upcycle_checkpoint(dense, tmp_path / "inexact", base + ["moe.normalize_topk=false"],
                                  allow_inexact=True)
     assert not inexact.exact and "moe.normalize_topk" in inexact.inexact[0]
+    granular = upcycle_checkpoint(dense, tmp_path / "granular", ["model.moe_every=2", "moe.num_experts=4",
+                                                                  "moe.top_k=2", "moe.d_ff=32", *EXACT])
+    assert granular.exact and granular.granularity == 2
     g_exact, g_inexact = router_lm_grad(exact.path), router_lm_grad(inexact.path)
     assert g_inexact.abs().max() > 1e-3
     assert g_exact.abs().max() < 1e-6 * max(1.0, float(g_inexact.abs().max()))
+    assert router_lm_grad(granular.path).abs().max() > 1e-3  # as documented
 
 
 def test_refusals_name_the_key(tmp_path):
