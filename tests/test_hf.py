@@ -209,7 +209,7 @@ def trained(tmp_path_factory, modern, tok):
                    data={"manifest": str(tok[1][False])})
     results = run_train(cfg, world=2, resume="auto")
     step3 = root / "run" / "step_00000003"
-    report = export_hf(step3, root / "hf")
+    report = export_hf(step3, root / "hf", check=True)
     return imported, cfg, results, step3, report
 
 
@@ -240,6 +240,8 @@ def test_ep2_trained_model_exports_with_every_expert(trained):
     assert_same_logits(ours, hf, batch(5))
     context = [3, 5, 6, 7, 8]
     assert greedy_hf(hf, context, 10) == sample_tokens(ours, context, 10, temperature=0)
+    assert report.check["max_abs_diff"] < 1e-4 and report.check["greedy_equal"]  # export --check
+    assert "greedy 16 tokens equal" in "\n".join(report.lines())
 
 
 def copy_checkpoint(src: Path, root: Path) -> Path:

@@ -16,8 +16,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "hf":
         raise ValueError(f"--format {args.format}: the only format is hf")
     report = export_hf(args.checkpoint, args.out, arch=args.arch, allow_inexact=args.allow_inexact,
-                       dtype=args.dtype, tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer)
+                       dtype=args.dtype, tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer,
+                       check=args.check)
     print("\n".join(report.lines()))
+    if report.check and not report.plan.inexact and report.check["max_abs_diff"] > 1e-4:
+        print("ERROR: an exact export computes different logits: please report this as a bug")
+        return 1
     return 0
 
 
@@ -50,6 +54,9 @@ def register(subparsers) -> None:
     ex.add_argument("--tokenizer", default=None,
                     help="SentencePiece .model (default: the one named by the training data manifest)")
     ex.add_argument("--no-tokenizer", action="store_true", help="write the model without tokenizer files")
+    ex.add_argument("--check", action="store_true",
+                    help="load the result with transformers and print the largest logit difference from "
+                         "moe_train's model on a random batch and whether greedy decoding agrees")
     ex.set_defaults(func=cmd_export)
     im = subparsers.add_parser(
         "import", help="turn a Hugging Face Qwen3-MoE / Mixtral / Qwen2-MoE directory into a weights-only "

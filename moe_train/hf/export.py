@@ -14,7 +14,9 @@ Steps, all in one process, no model built:
      counterpart refused by name (or, with ``--allow-inexact``, a warning naming it);
   4. ``config.json``, ``generation_config.json``, ``model.safetensors`` (safetensors only,
      no pickle) and the tokenizer files (``tokenizer.py``), into a temporary directory
-     renamed to ``--out`` at the end.
+     renamed to ``--out`` at the end;
+  5. with ``--check``: transformers loads the result and its logits and greedy tokens are
+     compared with ours (``check_export``), the difference printed.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ExportReport:
     tokenizer_files: list[str] = field(default_factory=list)
     tokenizer_source: str = ""
 
+    check: Optional[dict] = None
+
     def lines(self) -> list[str]:
         out = [f"exported {self.checkpoint} -> {self.out}",
                f"architecture: {NAMES[self.plan.arch]} ({self.plan.arch}), {self.num_tensors} tensors in "
@@ -57,6 +61,11 @@ class ExportReport:
                        f"(checked: encodes the probe texts to the SentencePiece ids)")
         else:
             out.append("tokenizer: none written (--no-tokenizer)")
+        if self.check:
+            c = self.check
+            out.append(f"check (--check): transformers vs moe_train on {c['batch']} x {c['seq_len']} random tokens, "
+                       f"fp32: max |logit difference| {c['max_abs_diff']:.3g} (max |logit| {c['max_abs_logit']:.3g}); "
+                       f"greedy {c['new_tokens']} tokens {'equal' if c['greedy_equal'] else 'DIFFER'}")
         out.append(f"load: transformers.AutoModelForCausalLM.from_pretrained({str(self.out)!r})")
         return out
 
@@ -166,7 +175,8 @@ def _tokenizer_source(cfg: Config, path: Path, tokenizer: Optional[str]) -> tupl
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, arch: str = "auto", allow_inexact: bool = False,
-              dtype: str = "auto", tokenizer: Optional[str] = None, with_tokenizer: bool = True) -> ExportReport:
+              dtype: str = "auto", tokenizer: Optional[str] = None, with_tokenizer: bool = True,
+              check: bool = False) -> ExportReport:
     """Writes the Hugging Face directory ``out`` (module docstring); returns the report.
 
     Raises:
@@ -209,4 +219,31 @@ def export_hf(checkpoint: str | Path, out: str | Path, arch: str = "auto", allow
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportReport(path, out, plan, dtype, len(tensors), tokenizer_files, source)
+    report = ExportReport(path, out, plan, dtype, len(tensors), tokenizer_files, source)
+    if check:
+        report.check = check_export(path, out)
+    return report
+
+
+def check_export(checkpoint: Path, out: Path, seq_len: int = 32, batch: int = 2, new_tokens: int = 16,
+                 seed: int = 0) -> dict:
+    """Loads both sides in fp32 (ours with ``load_for_inference``, as the checkpoint
+    configures it; theirs with ``AutoModelForCausalLM``) and compares the logits on a
+    random batch and ``new_tokens`` greedy tokens (ours recomputes the context, theirs
+    uses its KV cache)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_train.generate import load_for_inference, sample_tokens
+
+    ours = load_for_inference(checkpoint).model.float()
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    seq_len = min(seq_len, ours.cfg.max_seq_len - new_tokens)
+    x = torch.randint(0, ours.cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a, b = ours(x).logits_BSV, theirs(x).logits
+        context = x[0, :max(1, seq_len // 2)].tolist()
+        generated = theirs.generate(torch.tensor([context]), max_new_tokens=new_tokens, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(context):].tolist()
+    return {"batch": batch, "seq_len": seq_len, "new_tokens": new_tokens,
+            "max_abs_diff": float((a - b).abs().max()), "max_abs_logit": float(a.abs().max()),
+            "greedy_equal": generated == sample_tokens(ours, context, new_tokens, temperature=0)}

@@ -260,7 +260,8 @@ def hf_config(model: ModelConfig, moe: MoEConfig, plan: ExportPlan, dtype: str, 
         "rope_theta": theta, "rope_scaling": scaling,
         "rope_parameters": {"rope_theta": theta, **(scaling or {"rope_type": "default"})},
         "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_loss_coef,
-        "output_router_logits": False, "sliding_window": window, "dtype": dtype, **special,
+        "output_router_logits": False, "sliding_window": window,
+        "dtype": dtype, "torch_dtype": dtype, **special,  # dtype: transformers >= 5; torch_dtype: older
     }
     if plan.arch == "mixtral":
         cfg.update(intermediate_size=moe.d_ff, num_local_experts=moe.num_experts, router_jitter_noise=0.0)
@@ -273,7 +274,8 @@ def hf_config(model: ModelConfig, moe: MoEConfig, plan: ExportPlan, dtype: str, 
         cfg["attention_bias"] = False
     else:
         cfg.update(qkv_bias=True, shared_expert_intermediate_size=shared_width(moe, plan),
-                   max_window_layers=model.num_layers,
+                   # layer_types decides in transformers 5; older ones make blocks >= max_window_layers sliding
+                   max_window_layers=0 if window else model.num_layers,
                    layer_types=["sliding_attention" if window else "full_attention"] * model.num_layers)
     return cfg
 
