@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_train import manifest
+
 from moe_train.checkpoint import TrainState, save_checkpoint
 from moe_train.config import config_to_dict, load_config
 from moe_train.data.tokenizer import Tokenizer, train_tokenizer
@@ -41,6 +43,11 @@ def resplit(src: Path, dst: Path, ep: int) -> None:
                    dst / f"experts_ep{i:03d}.pt")
     meta["topology"].update(world_size=ep, ep_size=ep)
     meta["files"] = {p.name: p.stat().st_size for p in dst.iterdir() if p.name != "meta.json"}
+    files = meta["manifest"]["files"]
+    del files["experts_ep000.pt"]
+    for i in range(ep):
+        name = f"experts_ep{i:03d}.pt"
+        files[name] = manifest.file_entry(dst / name, torch.load(dst / name, weights_only=True))
     (dst / "meta.json").write_text(json.dumps(meta))
 
 
