@@ -318,21 +318,13 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[
     if inexact and not allow_inexact:
         raise ValueError("the upcycled model would not reproduce the dense one at step 0 (exact mode): "
                          + "; ".join(inexact) + ". Fix these, or pass --allow-inexact")
-    warnings = []
-    if cfg.moe.top_k == 1 and cfg.moe.renormalize:
-        warnings.append("top_k = 1 with normalize_topk: every gate is 1, so the LM loss never trains "
-                        "the router (only the balance losses do); top_k >= 2 lets it learn")
-    if cfg.train.dtype != "fp32":
-        warnings.append(f"train.dtype = {cfg.train.dtype}: exact mode is exact in fp32; in "
-                        f"{cfg.train.dtype} the two models round differently")
     torch.manual_seed(cfg.train.seed)  # the new router's draw, as train.build_model seeds it
     moe_model = MoETransformer(cfg.model, cfg.moe)
     upcycle_weights(loaded.model, moe_model, cfg, G)
     diff = max_logit_difference(loaded.model, moe_model, cfg.model.vocab_size,
                                 min(16, cfg.model.max_seq_len), seed=cfg.train.seed)
-    saved = meta.get("train_state", {})
     state = TrainState(step=0, tokens_seen=int(meta.get("tokens_seen", 0)), skipped_steps=0,
-                       loader_states=list(saved.get("loader_states") or []))
+                       loader_states=list(meta.get("train_state", {}).get("loader_states") or []))
     origin = (f"upcycled from {loaded.path} (step {meta.get('step')}): {cfg.moe.num_experts} experts, "
               f"granularity {G}, top_k {cfg.moe.top_k}, exact mode {'yes' if not inexact else 'no'}")
     path = save_model_checkpoint(out, moe_model, config_to_dict(cfg), state, origin)
@@ -343,10 +335,21 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[
                 if state.loader_states else "no data position saved: the data starts from the beginning")
     return UpcycleReport(path=path, config_path=config_path,
                          moe_blocks=[i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)],
-                         granularity=G, exact=not inexact, inexact=inexact, warnings=warnings,
+                         granularity=G, exact=not inexact, inexact=inexact, warnings=_warnings(cfg),
                          params_before=before.total, params_after=after.total,
                          active_before=before.active_per_token, active_after=after.active_per_token,
                          max_logit_diff=diff, dense_path=loaded.path, dense_step=int(meta.get("step", 0)),
                          tokens_seen=state.tokens_seen, data_position=position,
                          num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, expert_d_ff=cfg.moe.d_ff)
 
+
+def _warnings(cfg: Config) -> list[str]:
+    """Legal but noteworthy choices of the upcycled config."""
+    out = []
+    if cfg.moe.top_k == 1 and cfg.moe.renormalize:
+        out.append("top_k = 1 with normalize_topk: every gate is 1, so the LM loss never trains "
+                   "the router (only the balance losses do); top_k >= 2 lets it learn")
+    if cfg.train.dtype != "fp32":
+        out.append(f"train.dtype = {cfg.train.dtype}: exact mode is exact in fp32; in "
+                   f"{cfg.train.dtype} the two models round differently")
+    return out
