@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 from pathlib import Path
@@ -174,14 +175,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    """Lists a run's checkpoints (step, tokens, topology, complete or not, size), or
-    verifies checkpoints against their manifests (``ckpt verify PATH``)."""
+    """Lists a run's checkpoints (step, tokens, topology, complete or not, size),
+    verifies checkpoints against their manifests (``ckpt verify PATH``), or converts one
+    into a canonical checkpoint that loads at any layout (``ckpt canonical PATH``)."""
+    from moe_train.canonical import complete_canonical
     from moe_train.checkpoint import LATEST, list_checkpoints
 
     if args.action == "verify":
         return _verify(args.path or args.dir)
+    if args.action == "canonical":
+        return _canonical(args.path or args.dir)
     if args.path:
-        raise ValueError(f"`ckpt {args.path}`: the only actions are list (default) and verify PATH")
+        raise ValueError(f"`ckpt {args.path}`: the actions are list (default), verify PATH and canonical PATH")
     root = args.dir
     if args.config:
         root = load_config(args.config, args.overrides).checkpoint.dir
@@ -200,6 +205,8 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
         status = "complete" if complete else "INCOMPLETE (ignored by --resume auto)"
         if path.name == latest:
             status += ", latest"
+        if complete and complete_canonical(path):
+            status += ", + canonical (any layout)"
         print(f"{path.name:<24} {(meta or {}).get('step', '?'):>8} {(meta or {}).get('tokens_seen', '?'):>14,} "
               f"{topo.get('world_size', '?'):>5} {topo.get('ep_size', '?'):>3} {size:>8.1f}  {status}"
               if meta else f"{path.name:<24} {'?':>8} {'?':>14} {'?':>5} {'?':>3} {size:>8.1f}  {status}")
@@ -223,6 +230,9 @@ def _verify(target: str | None) -> int:
         raise ValueError(f"ckpt verify {target}: neither a checkpoint (no meta.json) nor a directory of them")
     failed = 0
     for step_dir in steps:
+        if (read_meta(step_dir) or {}).get("kind") == "canonical":  # PATH/canonical itself
+            failed += _verify_canonical(step_dir)
+            continue
         problems = verify_checkpoint(step_dir)
         meta = read_meta(step_dir) or {}
         files = meta.get("manifest", {}).get("files", {})
@@ -235,7 +245,47 @@ def _verify(target: str | None) -> int:
         else:
             kind = "weights only" if meta.get("weights_only") else "weights + optimizer + RNG"
             print(f"OK      {step_dir}: {len(files)} files, {tensors} tensors match the manifest ({kind})")
+        failed += _verify_canonical(step_dir / "canonical")
     return 3 if failed else 0
+
+
+def _verify_canonical(path: Path) -> int:
+    """Prints the verification of a step's canonical checkpoint, if it has one; 1 if it fails."""
+    from moe_train.canonical import verify
+
+    if not path.is_dir():
+        return 0
+    problems = verify(path)
+    if problems:
+        print(f"FAILED  {path}: {len(problems)} problem(s)")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    manifest = json.loads((path / "meta.json").read_text())["manifest"]
+    print(f"OK      {path}: {len(manifest['files'])} files, {len(manifest['tensors'])} tensors match the "
+          f"manifest (canonical: any layout)")
+    return 0
+
+
+def _canonical(target: str | None) -> int:
+    """``ckpt canonical PATH``: writes PATH/canonical from an engine checkpoint
+    (``moe_train.reshard.convert``: the saved number of ranks, gloo on CPU when not
+    launched)."""
+    from moe_train.checkpoint import read_meta
+    from moe_train.reshard import convert
+
+    if not target:
+        raise ValueError("ckpt canonical needs an engine checkpoint: moe-train ckpt canonical PATH")
+    if not Path(target).exists():
+        raise ValueError(f"ckpt canonical {target}: no such directory")
+    out = convert(target)
+    meta = read_meta(out)
+    topo, size = meta["topology"], sum(f["bytes"] for f in meta["manifest"]["files"].values()) / 2 ** 20
+    print(f"OK      {out}: canonical checkpoint of step {meta['step']} from the ZeRO partitions of "
+          f"{topo['world_size']} ranks (ep {topo['ep_size']}); {len(meta['manifest']['tensors'])} tensors, "
+          f"{size:.1f} MiB, verified. `moe-train train --resume {out}` loads it at any world size, ep "
+          f"dividing {topo['num_experts']} and ZeRO stage 0-2 (--resume auto picks it at another layout)")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -271,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=cmd_train)
     ck = sub.add_parser("ckpt", help="list a run's checkpoints (step, tokens, topology, complete), "
-                                     "or verify them: ckpt verify PATH")
-    ck.add_argument("action", nargs="?", default="list", choices=["list", "verify"],
-                    help="list (default), or verify PATH against its manifest (no model, no GPU)")
-    ck.add_argument("path", nargs="?", default=None, help="verify: a step_N directory or a checkpoint.dir")
+                                     "verify them (ckpt verify PATH), or make one loadable at any layout "
+                                     "(ckpt canonical PATH)")
+    ck.add_argument("action", nargs="?", default="list", choices=["list", "verify", "canonical"],
+                    help="list (default); verify PATH against its manifest (no model, no GPU); canonical "
+                         "PATH: write PATH/canonical, which resumes at any world size, ep and ZeRO stage "
+                         "(runs the saved number of ranks: gloo processes on this CPU, or under a launcher)")
+    ck.add_argument("path", nargs="?", default=None,
+                    help="verify, canonical: a step_N directory or a checkpoint.dir (canonical: its newest)")
     ck.add_argument("--dir", default=None, help="checkpoint directory (checkpoint.dir)")
     ck.add_argument("--config", default=None, help="or: read checkpoint.dir from this config")
     ck.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

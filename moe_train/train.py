@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train import canonical
+from moe_train import canonical, reshard
 from moe_train import checkpoint as ckpt
 from moe_train import determinism
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
@@ -326,7 +326,7 @@ def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader, with_canoni
     return path
 
 
-def _restore(run: _Run, source: canonical.ResumeSource, engine: Engine, loader, state: ckpt.TrainState,
+def _restore(run: _Run, source: reshard.ResumeSource, engine: Engine, loader, state: ckpt.TrainState,
              loaded: Optional[canonical.Loaded]) -> None:
     """Optimizer, RNG and data position after the weights (loaded before the engine)."""
     path, meta = source.path, ckpt.read_meta(source.path)
@@ -345,7 +345,7 @@ def _restore(run: _Run, source: canonical.ResumeSource, engine: Engine, loader, 
         canonical.reseed(cfg.train.seed, state.step, run.rank)
         same_world = len(saved["loader_states"]) == topo.world_size
         loader.load_state_dict(saved["loader_states"][run.rank if same_world else 0])
-        run.print(f"resumed from {path} (canonical, saved at {canonical._layout(meta)}) on {here} at step "
+        run.print(f"resumed from {path} (canonical, saved at {reshard.describe_layout(meta)}) on {here} at step "
                   f"{state.step}: every fp32 master, AdamW moment and step by parameter name, experts by "
                   f"global id, checked against the manifest ({summary}); RNG re-derived from (seed "
                   f"{cfg.train.seed}, step {state.step}, rank); data position "
@@ -359,7 +359,7 @@ def _restore(run: _Run, source: canonical.ResumeSource, engine: Engine, loader, 
                   f"{'continued' if saved['loader_states'] else 'starts at the beginning'}")
     else:  # "fresh_optimizer": asked for with checkpoint.fresh_optimizer_on_new_layout
         loader.load_state_dict(saved["loader_states"][0])
-        run.print(f"WARNING: resumed from {path} (saved at {canonical._layout(meta)}) on {here}: weights "
+        run.print(f"WARNING: resumed from {path} (saved at {reshard.describe_layout(meta)}) on {here}: weights "
                   f"loaded by global expert id; the optimizer state (AdamW moments and step counts) was NOT "
                   f"loaded and starts fresh (checkpoint.fresh_optimizer_on_new_layout); RNG re-seeded; the "
                   f"data loader re-split the rest of the epoch")
@@ -417,14 +417,14 @@ def _report_skip(run: _Run, state: ckpt.TrainState, in_a_row: int, last_saved) -
                            f"the non-finite state; the last checkpoint is {last_saved or 'none from this run'}")
 
 
-def _resume_source(run: _Run, resume: str) -> Optional[canonical.ResumeSource]:
-    """Rank 0 chooses the checkpoint and how to load it (``canonical.choose_resume``);
+def _resume_source(run: _Run, resume: str) -> Optional[reshard.ResumeSource]:
+    """Rank 0 chooses the checkpoint and how to load it (``reshard.choose_resume``);
     every rank gets the choice, or raises rank 0's refusal (none waits for a rank that
     failed)."""
     choice = None
     if run.env.rank == 0:
         try:
-            choice = canonical.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
+            choice = reshard.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
                                              config_to_dict(run.cfg))
         except ckpt.CheckpointError as err:
             choice = str(err)

@@ -8,7 +8,7 @@ and 6 (module fixture). Each other layout B then, in one process per rank:
      relative (dropout and router jitter off, no dropped tokens, the same global batch at
      every layout: micro-batch 2, accumulation making up the world size).
 A -> B -> A is bitwise; a plain ``torch.optim.AdamW`` given the canonical state and the
-engine's gradients steps to the engine's masters; a sample-id ledger over resumes at
+engine's gradients steps to the engine's masters bitwise; a sample-id ledger over resumes at
 4 -> 2 -> 3 ranks with the real streaming loader sees every sample of the epoch once.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from dist_utils import run_ranks
 from engine_harness import GlobalBatchLoader, make_cfg
-from moe_train import canonical
+from moe_train import canonical, reshard
 from moe_train import checkpoint as ckpt
 from moe_train.config import config_from_dict, config_to_dict
 from moe_train.data.synthetic import sample_id, write_synthetic_dataset
@@ -105,10 +105,12 @@ def _one_engine_step(engine, cfg):
     return grads, 3e-3
 
 
-def _reshard_worker(rank, world, raw_cfg, src, dst, then_train, adamw):
-    """Loads ``src`` at this layout, writes it back out as ``dst/canonical``; optionally
-    one engine step (for the AdamW comparison) into ``dst/after_step``; then trains from
-    ``src`` through ``train`` (a second engine in this process) when ``then_train``."""
+def _reshard_worker(rank, world, raw_cfg, src, dst, adamw, back_cfg):
+    """Loads ``src`` at this layout and writes it back out as ``dst/canonical``; with
+    ``adamw``, one engine step written to ``dst/after_step``; with ``back_cfg`` (another
+    layout of the same world size), ``dst/canonical`` loaded there and written to
+    ``dst/back``; then trains from ``src`` through ``train``. Each engine is a new one
+    in this process (the spawn and imports are what a test pays for)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     cfg = config_from_dict(raw_cfg)
     engine, groups, loaded = _engine_from_canonical(cfg, src, rank, world)
@@ -120,8 +122,12 @@ def _reshard_worker(rank, world, raw_cfg, src, dst, then_train, adamw):
         out["grads"], out["lr"] = _one_engine_step(engine, cfg)
         canonical.save(Path(dst) / "after_step", model=engine.module, optimizer=engine.optimizer,
                        state=state, groups=groups, config=raw_cfg)
-    if then_train:
-        out["losses"] = _train_worker(rank, world, raw_cfg, src)
+    if back_cfg:
+        engine, groups, _ = _engine_from_canonical(config_from_dict(back_cfg), Path(dst) / canonical.DIRNAME,
+                                                   rank, world)
+        canonical.save(Path(dst) / "back", model=engine.module, optimizer=engine.optimizer, state=state,
+                       groups=groups, config=back_cfg)
+    out["losses"] = _train_worker(rank, world, raw_cfg, src)
     return out
 
 
@@ -144,8 +150,9 @@ def _resumed(straight, layout):
         world, ep, zero = layout
         tmp = straight["tmp"] / f"b_{world}_{ep}_{zero}"
         raw = config_to_dict(_cfg(tmp, world, ep, zero))
+        back = config_to_dict(_cfg(tmp / "back", *A)) if world == A[0] else None
         out = run_ranks(_reshard_worker, world, timeout_s=300, raw_cfg=raw, src=str(straight["src"]),
-                        dst=str(tmp / "loaded"), then_train=True, adamw=layout == (1, 1, 2))
+                        dst=str(tmp / "loaded"), adamw=layout == (1, 1, 2), back_cfg=back)
         _RESUMED[layout] = (tmp / "loaded" / canonical.DIRNAME, out[0])
     return _RESUMED[layout]
 
@@ -170,19 +177,19 @@ def test_resume_on_another_layout_is_bitwise_then_trains_like_the_straight_run(s
 
 
 def test_a_to_b_to_a_is_bitwise(straight):
-    """A's step-3 state loaded at (2, 1, ZeRO 0) and written there, then loaded at A
-    again and written: every tensor bitwise A's."""
-    written_at_b, _ = _resumed(straight, (2, 1, 0))
-    tmp = straight["tmp"] / "back_to_a"
-    run_ranks(_reshard_worker, A[0], timeout_s=300, raw_cfg=config_to_dict(_cfg(tmp, *A)),
-              src=str(written_at_b), dst=str(tmp), then_train=False, adamw=False)
-    _assert_bitwise(canonical.read_all(tmp / canonical.DIRNAME), straight["state"], "A -> B -> A")
+    """A's step-3 state loaded at B = (4, 4, ZeRO 1) and written there (each rank one
+    expert), then that loaded at A = (4, 2, ZeRO 2) again and written: every tensor
+    bitwise A's. (B has A's world size so that one set of processes does both legs;
+    the other layouts' single legs cross world sizes.)"""
+    written_at_b, _ = _resumed(straight, (4, 4, 1))
+    _assert_bitwise(canonical.read_all(written_at_b.parent / "back" / canonical.DIRNAME), straight["state"],
+                    "A -> B -> A")
 
 
 def test_plain_adamw_from_the_canonical_state_steps_to_the_engine_masters(straight):
     """torch.optim.AdamW with the canonical masters, moments and step, the engine's
-    weight-decay groups and the gradients the engine used: one step gives the masters
-    the engine (ZeRO 2, flat partitions) wrote after its step."""
+    weight-decay groups and the gradients the engine used: one step gives, bitwise, the
+    masters the engine (ZeRO 2, flat partitions) wrote after its step."""
     from moe_train.engine import optimizer_param_groups
     from moe_train.model.transformer import MoETransformer
 
@@ -204,7 +211,7 @@ def test_plain_adamw_from_the_canonical_state_steps_to_the_engine_masters(straig
     changed = 0
     for name, p in model.named_parameters():
         want = after[f"master/{name}"]
-        assert torch.allclose(p.detach(), want, rtol=1e-6, atol=1e-9), name
+        assert torch.equal(p.detach(), want), (name, (p.detach() - want).abs().max())
         changed += int(not torch.equal(want, before[f"master/{name}"]))
         assert float(after[f"step/{name}"]) == SAVE_AT + 1
     assert changed == len(list(model.parameters()))
@@ -247,23 +254,54 @@ def _ledger_worker(rank, world, raw_cfg):
     return made[0].ids, result.final_step
 
 
-def test_sample_ledger_over_resumes_at_4_2_3_ranks_sees_the_epoch_once(tmp_path):
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
     """60 samples, micro-batch 2, no sample shuffle (so a re-split skips nothing): 2 steps
-    at 4 ranks (16 samples), 2 at 2 ranks (8), then 6 at 3 ranks (36): every sample
-    exactly once; each change of layout resumed from the canonical checkpoint."""
-    write_synthetic_dataset(str(tmp_path / "shards"), [20, 17, 13, 10], seq_len=16, vocab_size=512)
-    seen = []
+    at 4 ranks (16 samples), 2 at 2 ranks (8), then 6 at 3 ranks (36), each change of
+    layout resumed by --resume auto from the canonical checkpoint of the last step."""
+    tmp = tmp_path_factory.mktemp("ledger")
+    write_synthetic_dataset(str(tmp / "shards"), [20, 17, 13, 10], seq_len=16, vocab_size=512)
+    seen, cfg = [], None
     for world, ep, steps in ((4, 2, 2), (2, 2, 4), (3, 1, 10)):
-        cfg = make_cfg(tmp_path, model={"vocab_size": 512},
-                       data={"manifest": str(tmp_path / "shards" / "manifest.json"), "micro_batch_size": 2,
+        cfg = make_cfg(tmp, model={"vocab_size": 512},
+                       data={"manifest": str(tmp / "shards" / "manifest.json"), "micro_batch_size": 2,
                              "shuffle_buffer": 0},
                        parallel={"expert_parallel_size": ep, "zero_stage": 2},
                        train={"max_steps": steps}, checkpoint={"canonical_every_steps": 100})
         results = run_ranks(_ledger_worker, world, timeout_s=300, raw_cfg=config_to_dict(cfg))
         assert all(final == steps for _, final in results)
         seen += [i for ids, _ in results for i in ids]
-        assert canonical.complete_canonical(Path(cfg.checkpoint.dir) / ckpt.step_dir_name(steps))
+    return seen, Path(cfg.checkpoint.dir)
+
+
+def test_sample_ledger_over_resumes_at_4_2_3_ranks_sees_the_epoch_once(ledger):
+    seen, root = ledger
     assert sorted(seen) == list(range(60)), sorted(seen)
+    for step in (2, 4, 10):
+        assert canonical.complete_canonical(root / ckpt.step_dir_name(step)), step
+
+
+def test_ckpt_canonical_converts_an_engine_checkpoint_to_the_canonical_one_training_wrote(ledger, tmp_path,
+                                                                                         capsys):
+    """`moe-train ckpt canonical` on the engine files of the ledger's step 4 (world 2,
+    ep 2, ZeRO 2; it starts two gloo processes) writes the canonical checkpoint that
+    training wrote for that step: every tensor bitwise, the same train state; `ckpt
+    verify` then checks it too."""
+    import shutil
+
+    from moe_train.cli import main
+
+    _, root = ledger
+    step = root / ckpt.step_dir_name(4)
+    engine_only = tmp_path / step.name
+    shutil.copytree(step, engine_only, ignore=shutil.ignore_patterns(canonical.DIRNAME))
+    assert main(["ckpt", "canonical", str(engine_only)]) == 0
+    assert "from the ZeRO partitions of 2 ranks" in capsys.readouterr().out
+    converted = engine_only / canonical.DIRNAME
+    _assert_bitwise(canonical.read_all(converted), canonical.read_all(step / canonical.DIRNAME), "converted")
+    assert ckpt.read_meta(converted)["train_state"] == ckpt.read_meta(step / canonical.DIRNAME)["train_state"]
+    assert main(["ckpt", "verify", str(engine_only)]) == 0
+    assert "tensors match the manifest (canonical: any layout)" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------- refusals
@@ -282,6 +320,6 @@ def test_engine_only_checkpoint_on_another_layout_is_refused_naming_the_conversi
     with pytest.raises(ckpt.CheckpointError, match=r"saved at world 1, ep 1, ZeRO 1, fp32 and has no canonical "
                                                    r"checkpoint; this run is world 2, ep 2.*moe-train ckpt canonical "
                                                    r".*step_00000004.*fresh_optimizer_on_new_layout=true"):
-        canonical.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
+        reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
     raw["checkpoint"]["fresh_optimizer_on_new_layout"] = True
-    assert canonical.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
+    assert reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
