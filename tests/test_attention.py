@@ -11,6 +11,8 @@ gradient test runs where CUDA is.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.attention import AttentionPattern, alibi_slopes, attend, resolve_impl
 from moe_train.model.layers import Attention, rope_cos_sin, rope_inv_freq, rope_tables
 from moe_train.model.transformer import MoETransformer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -255,3 +259,22 @@ def test_rope_scaling_in_the_model_tables():
     assert torch.equal(yarn[0], want[0])
     torch.testing.assert_close(yarn[0][0], torch.full((4,), 0.1 * math.log(2.0) + 1))
     assert rope_tables(small_cfg(position="alibi"), 8) is None
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/attention.py end to end on two rows and two short lengths: table and JSON."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "benchmarks/attention.py", "--quick", "--rows", "full", "sliding_window",
+                           "--seq-lens", "160", "320", "--json", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "growth per doubling" in proc.stdout
+    section = json.loads(out.read_text())["attention"]
+    assert set(section) == {"full", "sliding_window"}
+    for entry in section.values():
+        assert entry["seq_len"] == [160, 320] and len(entry["growth"]) == 1
+        assert all(ms > 0 for ms in entry["ms"]) and all(mb is not None for mb in entry["peak_mb"])

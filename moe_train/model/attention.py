@@ -132,11 +132,13 @@ def resolve_impl(requested: str, device: torch.device, dropout_p: float) -> str:
     auto -> flex on CUDA when there is no attention dropout (flex_attention has none),
     else sdpa. Why not flex on CPU: in torch 2.13 flex_attention has no backward on CPU
     ("FlexAttention does not support backward on CPU"), so it cannot train there, and each
-    new (length, pattern) costs a 3-15 s compile that CPU runs of tiny models never earn
-    back; measured on this repo's CPU, the compiled forward is faster than SDPA + a dense
-    mask (benchmarks/attention.py --impls), so ``attention_impl: flex`` is allowed on CPU
-    for evaluation and generation. On CUDA, flex skips masked-out blocks in its fused
-    kernel, forward and backward.
+    new (length, pattern) costs a compile of seconds (3-15 s measured here) that CPU runs
+    of tiny models never earn back. Its compiled CPU forward does work, and for a window
+    it is about twice as fast as the blocked SDPA path, while for full attention it is
+    slower than SDPA's causal kernel (``python -m benchmarks.attention --flex``), so
+    ``attention_impl: flex`` is allowed on CPU for evaluation and generation. On CUDA,
+    flex skips masked-out blocks in its fused kernel, forward and backward (not measured
+    in this repo: no GPU in its CI; tests/test_attention.py checks it where CUDA is).
     """
     if requested != "auto":
         return requested
@@ -236,9 +238,13 @@ def _sdpa_blocked(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: Atten
                          valid_NJ[:, None, :])
     if alibi_H is None:
         mask = mask[:, None]  # [N, 1, C, J]: one mask for every head
-    out_BNHCK = F.scaled_dot_product_attention(q_BNHCK, k_BNGJK, v_BNGJK, attn_mask=mask,
-                                               dropout_p=dropout_p, enable_gqa=G != H)
-    return out_BNHCK.transpose(1, 2).reshape(B, H, N * C, K)[:, :, :S]
+    # Chunks as batch entries of 4-D tensors: SDPA's fused CPU kernel takes an explicit mask
+    # in 4-D only (with 5-D inputs it falls back to the math path: 2.7x slower forward +
+    # backward at 16k tokens, and it keeps the [C, J] probabilities of every chunk).
+    out_XHCK = F.scaled_dot_product_attention(
+        q_BNHCK.flatten(0, 1), k_BNGJK.flatten(0, 1), v_BNGJK.flatten(0, 1),
+        attn_mask=mask.expand(B, *mask.shape).flatten(0, 1), dropout_p=dropout_p, enable_gqa=G != H)
+    return out_XHCK.view(B, N, H, C, K).transpose(1, 2).reshape(B, H, N * C, K)[:, :, :S]
 
 
 # ----------------------------------------------------------------------------- flex
