@@ -174,3 +174,19 @@ def test_check_prints_size_and_memory_for_gpu_configs(name, world, capsys):
     for prefix in ("parameters: ", "gradients: ", "optimizer state: ", "activations per micro-batch", "total: "):
         assert any(line.startswith(prefix) and " GiB" in line for line in memory), prefix
     assert out.index("# batch arithmetic") < out.index("# model size") < out.index("# process groups")
+
+
+def test_local_attention_scores_count_the_keys_each_query_reads():
+    """A window of W costs about 4 * L * D * W score FLOPs per token, not 2 * L * S * D."""
+    from moe_train.config import ModelConfig, MoEConfig
+    from moe_train.model.sizing import forward_flops_per_token
+
+    S, W = 4096, 256
+    full = ModelConfig(d_model=64, num_heads=4, max_seq_len=S)
+    window = ModelConfig(d_model=64, num_heads=4, max_seq_len=S, attention="sliding_window", window=W)
+    f_full = forward_flops_per_token(full, MoEConfig(), S)["attn_scores"]
+    f_win = forward_flops_per_token(window, MoEConfig(), S)["attn_scores"]
+    assert f_full == 2 * full.num_layers * S * 64
+    mean_keys = (W * (W + 1) / 2 + (S - W) * W) / S  # ramp up to W keys, then W
+    assert abs(f_win - 4 * window.num_layers * 64 * mean_keys) < 1e-6 * f_win
+    assert f_win < f_full / 7

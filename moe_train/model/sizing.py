@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from moe_train.config import DTYPES, ModelConfig, MoEConfig
+from moe_train.model.attention import AttentionPattern
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -186,6 +187,8 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
     attn_scores  L * 2 * S * D: QK^T and AV are 2 * 2 * S * D for a full S x S score
                  matrix; causal attention computes half of it on average (the convention
                  of FlashAttention's causal benchmarks; PaLM's 12*L*D*S counts it whole).
+                 A local pattern (``model.attention``): L * 4 * D * the mean number of keys
+                 a query reads (about W for a window of W; W + g for Longformer).
     dense_mlp    (dense blocks) 2 * a * D * Fd
     router       (MoE blocks) 2 * D * E
     experts      (MoE blocks) k * 2 * a * D * F: every top-k assignment computed (dropless;
@@ -203,7 +206,8 @@ def forward_flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len:
     lm_head = 2.0 * (D * Ee + Ee * V) if factorised(model_cfg) else 2.0 * D * V
     return {
         "attn_proj": 2.0 * L * (qkv + D * D),
-        "attn_scores": 2.0 * L * seq_len * D,
+        "attn_scores": (2.0 * L * seq_len * D if model_cfg.attention == "full" else
+                        4.0 * L * D * AttentionPattern.from_config(model_cfg).mean_keys_per_query(seq_len)),
         "dense_mlp": 2.0 * (L - num_moe) * _mlp_mult(model_cfg.mlp_activation) * D * model_cfg.d_ff,
         "router": 2.0 * num_moe * D * moe_cfg.num_experts,
         "experts": 2.0 * num_moe * moe_cfg.top_k * _mlp_mult(moe_cfg.activation) * D * moe_cfg.d_ff,
