@@ -10,7 +10,7 @@ import torch
 from engine_harness import make_cfg, run_train
 from moe_train import checkpoint as ckpt
 from moe_train.cli import main
-from moe_train.compress.prune import magnitude_prune
+from moe_train.compress.prune import experts_to_keep, kept_experts, magnitude_prune
 from moe_train.compress.quantize import Int8GroupedExperts, Int8Linear, dequantize_int8, quantize_int8
 from moe_train.compress.report import model_bytes
 from moe_train.config import config_to_dict, load_config
@@ -95,6 +95,18 @@ def test_prune_prints_before_after_and_the_resume_command(source, tmp_path, caps
     assert (state["blocks.1.mlp.experts.w1_EDF"] != 0).all() and (state["embed.weight"] != 0).all()
     assert main(["prune", "--checkpoint", str(root / "src"), "--out", str(tmp_path / "p"), "--keep-experts", "4"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_highest_load_experts_per_layer_and_per_group(source):
+    _, cfg, _, _ = source
+    load_E = torch.tensor([5, 1, 3, 3, 0, 9])
+    assert kept_experts(load_E, 3) == [0, 2, 5]  # 9, 5, then 3 and 3 tie: the lower id
+    assert kept_experts(load_E, 4, num_groups=2) == [0, 2, 3, 5]  # two from each half
+    loads = {"a": torch.tensor([50, 30, 10, 5, 5, 0]), "b": torch.tensor([90, 10, 0, 0, 0, 0])}
+    assert experts_to_keep(loads, cfg.moe, None, 0.1) == 3  # layer a has 3 experts at >= 10%
+    assert experts_to_keep(loads, cfg.moe, None, 0.6) == 2  # never below top_k
+    with pytest.raises(ValueError, match="--keep-experts 1: must be between moe.top_k"):
+        experts_to_keep(loads, cfg.moe, 1, None)
 
 
 def test_global_magnitude_pruning_is_permanent(source):
