@@ -181,7 +181,7 @@ class Int8SharedExpert(SharedExpert):
 
 def _tied_head(model: nn.Module) -> Optional[nn.Module]:
     head, embed = getattr(model, "head", None), getattr(model, "embed", None)
-    if head is not None and embed is not None and head.weight is embed.weight:
+    if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
         return head
     return None
 
@@ -280,9 +280,11 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, dynamic: bool =
     log(f"# moe-train quantize: {loaded.path} (step {loaded.meta['step']}, {loaded.cfg.moe.num_experts} experts)")
     before = report.snapshot(loaded, loaded.path, eval_batches)
     model = loaded.model
+    tied = _tied_head(model) is not None
     names = quantize_model(model)
-    log(f"{SCHEME}: {len(names['linears'])} dense linears, {len(names['experts'])} expert sets, "
-        f"{len(names['shared'])} shared experts; fp32: embeddings{' (tied head)' if _tied_head(model) else ''}, "
+    unique = {kind: len({id(model.get_submodule(n)) for n in paths}) for kind, paths in names.items()}
+    log(f"{SCHEME}: {unique['linears']} dense linears, {unique['experts']} expert sets, "
+        f"{unique['shared']} shared experts; fp32: embeddings{' (tied head)' if tied else ''}, "
         f"norms, routers")
     if dynamic:
         log("--dynamic: the dense linears run as torch.ao.nn.quantized.dynamic.Linear (int8 GEMMs, CPU); "
