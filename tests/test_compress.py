@@ -198,3 +198,24 @@ def test_dynamic_quantization_of_a_pruned_checkpoint(pruned, source, tmp_path):
     close_T = (out - ref).abs().amax(-1) < 0.2 * ref.std()  # activations are quantized too
     assert close_T.float().mean() >= 0.9
     assert result["after"].bytes < result["before"].bytes
+
+
+def test_shared_layers_untied_factorised_head_prune_and_quantize(source, tmp_path):
+    """share_layers all (one MoE layer used by blocks 1 and 2: its load sums both uses), an
+    untied head and factorised embeddings: pruned once, quantized once, still shared."""
+    from moe_train.compress import prune_checkpoint, quantize_checkpoint
+
+    root, cfg, _, _ = source
+    shared = make_cfg(tmp_path, data={"manifest": cfg.data.manifest},
+                      **{**SECTIONS, "model": {**SECTIONS["model"], "share_layers": "all", "embed_dim": 16,
+                                               "tie_embeddings": False}})
+    torch.manual_seed(0)
+    model = MoETransformer(shared.model, shared.moe).eval()
+    src = ckpt.save_model_checkpoint(tmp_path / "src", model, config_to_dict(shared), ckpt.TrainState(step=1), "t")
+    pruned = prune_checkpoint(src, tmp_path / "p", keep=3, eval_batches=1, log=lambda line: None)
+    assert list(pruned["kept"]) == ["blocks.1.mlp"]  # block 2 reuses it
+    quantized = quantize_checkpoint(pruned["path"], tmp_path / "q", eval_batches=1, log=lambda line: None)
+    m = load_for_inference(quantized["path"]).model
+    assert isinstance(m.head, Int8Linear) and isinstance(m.embed_proj, Int8Linear)
+    assert m.blocks[1].mlp is m.blocks[2].mlp and m.blocks[1].mlp.experts.w1_int8_EDF.shape[0] == 3
+    assert abs(quantized["after"].val_loss - quantized["before"].val_loss) < 0.01
