@@ -341,6 +341,21 @@ def _as_dcp(tensors: dict[str, Tensor], expert_keys: set[str], mesh) -> dict:
             for k, t in tensors.items()}
 
 
+def _dcp_errors() -> tuple:
+    """What a DCP call raises (its CheckpointException is a BaseException); evaluated only
+    when an exception reaches the handler, so importing this module stays cheap."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _first_line(err: BaseException) -> str:
+    """The innermost error of a (DCP) exception, in one line: what the user can act on."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
+    return f"{type(err).__name__}: {last[:240]}" if last else type(err).__name__
+
+
 def _agree(error: Optional[str], world: int) -> list[str]:
     return [e for e in ckpt._agree(error, world) if e]
 
@@ -370,8 +385,8 @@ def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: ckpt.Train
 
     try:
         dcp.save(_as_dcp(tensors, expert_keys, _mesh(groups)), checkpoint_id=str(tmp))
-    except Exception as err:  # DCP re-raises every rank's failure on every rank
-        error = f"rank {rank}: writing {tmp} failed: {type(err).__name__}: {str(err)[:300]}"
+    except _dcp_errors() as err:  # DCP re-raises every rank's failure on every rank
+        error = f"rank {rank}: writing {tmp} failed: {_first_line(err)}"
     _raise_if(_agree(error, world), state.step, tmp, rank)
     if rank == 0:
         try:
@@ -465,8 +480,8 @@ def verify(path: str | Path) -> list[str]:
     if problems:
         try:
             tensors = read_all(path)
-        except Exception as err:  # a torn file: DCP cannot read it at all
-            return problems + [f"{path}: cannot be read ({type(err).__name__}: {str(err)[:160]})"]
+        except _dcp_errors() as err:  # a torn file: DCP cannot read it at all
+            return problems + [f"{path}: cannot be read ({_first_line(err)})"]
         named = check_tensors(manifest["tensors"], tensors, 0, str(path))
         named += [f"{path}: tensor {k} is missing (the manifest lists it)"
                   for k in sorted(set(manifest["tensors"]) - set(tensors))]
@@ -519,8 +534,8 @@ def load(path: str | Path, model: nn.Module, groups: ParallelGroups) -> Loaded:
 
         try:
             dcp.load(sd, checkpoint_id=str(path))
-        except Exception as err:
-            error = f"rank {rank}: reading {path} failed: {type(err).__name__}: {str(err)[:300]}"
+        except _dcp_errors() as err:
+            error = f"rank {rank}: reading {path} failed: {_first_line(err)}"
     if error is None:
         first = topo.local_experts(rank).start
         problems = check_tensors(records, {k: v for k, v in want.items() if k not in expert_keys}, 0,

@@ -13,6 +13,7 @@ engine's gradients steps to the engine's masters bitwise; a sample-id ledger ove
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -131,12 +132,18 @@ def _reshard_worker(rank, world, raw_cfg, src, dst, adamw, back_cfg):
     return out
 
 
+# The multi-rank runs are independent chains (A, then the B layouts; the ledger's three
+# runs): they run concurrently, each in its own gloo processes, so that the 2-core
+# machine is never idle while one rank set waits on its slowest process.
+_POOL = ThreadPoolExecutor(max_workers=4)
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, ledger_started):
     """A = (4, 2, ZeRO 2), steps 1..6, canonical checkpoints at steps 3 and 6."""
     tmp = tmp_path_factory.mktemp("straight")
     cfg = _cfg(tmp, *A)
-    losses = run_ranks(_train_worker, A[0], timeout_s=300, raw_cfg=config_to_dict(cfg), resume="none")[0]
+    losses = run_ranks(_train_worker, A[0], timeout_s=400, raw_cfg=config_to_dict(cfg), resume="none")[0]
     src = Path(cfg.checkpoint.dir) / ckpt.step_dir_name(SAVE_AT) / canonical.DIRNAME
     return {"losses": losses, "src": src, "tmp": tmp, "state": canonical.read_all(src)}
 
@@ -144,17 +151,21 @@ def straight(tmp_path_factory):
 _RESUMED: dict = {}
 
 
+def _resume_at(straight, layout):
+    world, ep, zero = layout
+    tmp = straight["tmp"] / f"b_{world}_{ep}_{zero}"
+    raw = config_to_dict(_cfg(tmp, world, ep, zero))
+    back = config_to_dict(_cfg(tmp / "back", *A)) if world == A[0] else None
+    out = run_ranks(_reshard_worker, world, timeout_s=400, raw_cfg=raw, src=str(straight["src"]),
+                    dst=str(tmp / "loaded"), adamw=layout == (1, 1, 2), back_cfg=back)
+    return tmp / "loaded" / canonical.DIRNAME, out[0]
+
+
 def _resumed(straight, layout):
-    """Layout B's reshard worker, run once per module."""
-    if layout not in _RESUMED:
-        world, ep, zero = layout
-        tmp = straight["tmp"] / f"b_{world}_{ep}_{zero}"
-        raw = config_to_dict(_cfg(tmp, world, ep, zero))
-        back = config_to_dict(_cfg(tmp / "back", *A)) if world == A[0] else None
-        out = run_ranks(_reshard_worker, world, timeout_s=300, raw_cfg=raw, src=str(straight["src"]),
-                        dst=str(tmp / "loaded"), adamw=layout == (1, 1, 2), back_cfg=back)
-        _RESUMED[layout] = (tmp / "loaded" / canonical.DIRNAME, out[0])
-    return _RESUMED[layout]
+    """Layout B's reshard worker; the first call starts every layout's at once."""
+    if not _RESUMED:
+        _RESUMED.update({b: _POOL.submit(_resume_at, straight, b) for b in LAYOUTS})
+    return _RESUMED[layout].result()
 
 
 def _assert_bitwise(a: dict, b: dict, what: str):
@@ -255,11 +266,22 @@ def _ledger_worker(rank, world, raw_cfg):
 
 
 @pytest.fixture(scope="module")
-def ledger(tmp_path_factory):
+def ledger_started(tmp_path_factory):
+    """The ledger's runs, started in the background (see ``ledger``)."""
+    future = _POOL.submit(_ledger_runs, tmp_path_factory.mktemp("ledger"))
+    yield future
+    future.result()  # never leave its processes running past the module
+
+
+@pytest.fixture(scope="module")
+def ledger(ledger_started):
+    return ledger_started.result()
+
+
+def _ledger_runs(tmp):
     """60 samples, micro-batch 2, no sample shuffle (so a re-split skips nothing): 2 steps
     at 4 ranks (16 samples), 2 at 2 ranks (8), then 6 at 3 ranks (36), each change of
     layout resumed by --resume auto from the canonical checkpoint of the last step."""
-    tmp = tmp_path_factory.mktemp("ledger")
     write_synthetic_dataset(str(tmp / "shards"), [20, 17, 13, 10], seq_len=16, vocab_size=512)
     seen, cfg = [], None
     for world, ep, steps in ((4, 2, 2), (2, 2, 4), (3, 1, 10)):
@@ -268,7 +290,7 @@ def ledger(tmp_path_factory):
                              "shuffle_buffer": 0},
                        parallel={"expert_parallel_size": ep, "zero_stage": 2},
                        train={"max_steps": steps}, checkpoint={"canonical_every_steps": 100})
-        results = run_ranks(_ledger_worker, world, timeout_s=300, raw_cfg=config_to_dict(cfg))
+        results = run_ranks(_ledger_worker, world, timeout_s=400, raw_cfg=config_to_dict(cfg))
         assert all(final == steps for _, final in results)
         seen += [i for ids, _ in results for i in ids]
     return seen, Path(cfg.checkpoint.dir)
@@ -323,3 +345,99 @@ def test_engine_only_checkpoint_on_another_layout_is_refused_naming_the_conversi
         reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
     raw["checkpoint"]["fresh_optimizer_on_new_layout"] = True
     assert reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
+
+
+# ------------------------------------------- one process: manifest, corruption, pruning
+
+
+def _tiny_model(d_ff=8, seed=0):
+    from moe_train.config import Config
+    from moe_train.model.transformer import MoETransformer
+
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads = 64, 16, 2, 2
+    cfg.model.d_ff, cfg.model.max_seq_len = 32, 16
+    cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k = 4, d_ff, 2
+    torch.manual_seed(seed)
+    return cfg, MoETransformer(cfg.model, cfg.moe)
+
+
+@pytest.fixture()
+def single(tmp_path):
+    """A canonical checkpoint written by one process (ZeRO-0 view: a plain AdamW), one
+    step in, beside an engine checkpoint of the same step."""
+    from moe_train.parallel.groups import ParallelGroups
+    from moe_train.parallel.topology import Topology
+
+    cfg, model = _tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), foreach=False)
+    model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))).lm_loss.backward()
+    opt.step()
+    raw, state, topo = config_to_dict(cfg), ckpt.TrainState(step=1, loader_states=[{"pos": 1}]), Topology(1, 1, 4)
+    step = ckpt.save_checkpoint(tmp_path / "ckpt", model=model, optimizer=opt, state=state, topo=topo, rank=0,
+                                config=raw, keep_last=1)
+    path = canonical.save(step, model=model, optimizer=opt, state=state,
+                          groups=ParallelGroups(topo, 0, None, None, None), config=raw)
+    return path, model, opt
+
+
+def test_canonical_manifest_names_a_corrupted_expert_moment_and_a_truncated_file(single):
+    from moe_train.parallel.groups import ParallelGroups
+    from moe_train.parallel.topology import Topology
+
+    path, model, opt = single
+    assert canonical.verify(path) == [] and ckpt.verify_checkpoint(path) == []
+    records = ckpt.read_meta(path)["manifest"]["tensors"]
+    name = next(n for n, p in model.named_parameters() if ".experts." in n)
+    assert len(records[f"exp_avg_sq/{name}"]["rows_crc32"]) == 4  # one checksum per global expert
+    assert records[f"step/{name}"]["shape"] == []
+    assert {f"buffer/{b}" for b, _ in model.named_buffers()} <= set(records)
+    row = opt.state[dict(model.named_parameters())[name]]["exp_avg"][2]
+    data = next(path.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    offset = raw.find(row.numpy().tobytes())
+    assert offset >= 0
+    raw[offset + 1] ^= 0x10
+    data.write_bytes(bytes(raw))
+    problems = canonical.verify(path)
+    assert f"{path}: tensor exp_avg/{name}, expert 2, is corrupted (checksum differs from the manifest)" \
+        in problems, problems
+    _, fresh = _tiny_model(seed=1)
+    with pytest.raises(ckpt.CheckpointError, match=rf"exp_avg/{name}, expert 2, is corrupted"):
+        canonical.load(path, fresh, ParallelGroups(Topology(1, 1, 4), 0, None, None, None))
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    assert any("100 bytes, the manifest says" in p for p in canonical.verify(path))
+
+
+def test_canonical_load_refuses_a_model_it_does_not_fit(single):
+    from moe_train.parallel.groups import ParallelGroups
+    from moe_train.parallel.topology import Topology
+
+    path, model, _ = single
+    name = next(n for n, p in model.named_parameters() if ".experts." in n)
+    _, other = _tiny_model(d_ff=16)
+    with pytest.raises(ckpt.CheckpointError, match=r"master/.*experts.* has shape \(4, .*this model needs"):
+        canonical.load(path, other, ParallelGroups(Topology(1, 1, 4), 0, None, None, None))
+    _, same = _tiny_model(seed=3)
+    loaded = canonical.load(path, same, ParallelGroups(Topology(1, 1, 4), 0, None, None, None))
+    canonical.apply_to_model(same, loaded)
+    assert torch.equal(dict(same.named_parameters())[name], dict(model.named_parameters())[name])
+
+
+def test_half_written_canonical_is_never_used_and_pruning_keeps_the_newest_canonical(single):
+    from moe_train.parallel.topology import Topology
+
+    path, model, opt = single
+    root, raw = path.parent.parent, ckpt.read_meta(path)["config"]
+    for step in (2, 3):
+        ckpt.save_checkpoint(root, model=model, optimizer=opt, state=ckpt.TrainState(step=step),
+                             topo=Topology(1, 1, 4), rank=0, config=raw, keep_last=1)
+    assert [p.name for p, _, ok in ckpt.list_checkpoints(root) if ok] == ["step_00000001", "step_00000003"]
+    (root / "step_00000003" / ".tmp_canonical").mkdir()  # a writer died inside the canonical save
+    (root / "step_00000003" / ".tmp_canonical" / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000003 was saved at .* no canonical checkpoint.*"
+                                                   r"or resume from the older .*step_00000001/canonical"):
+        reshard.choose_resume(root, "auto", Topology(2, 2, 4), raw)
+    source = reshard.choose_resume(root, str(path), Topology(2, 2, 4), raw)
+    assert source.kind == "canonical" and source.path == path

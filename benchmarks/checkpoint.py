@@ -1,0 +1,252 @@
+"""Checkpoint size and speed: the engine checkpoint and the canonical one side by side,
+against the analytic size.
+
+For each config, on 2 spawned gloo ranks on this CPU at (world 2, ep 2, ZeRO 2, fp32),
+after one real optimizer step (so every AdamW moment exists):
+  engine     ``moe_train.checkpoint.save_checkpoint`` (model_dense.pt, experts_ep*.pt,
+             rank*.pt with each rank's ZeRO partition and RNG) and the load a same-layout
+             resume does (weights by global expert id, then each rank's optimizer file);
+  canonical  ``moe_train.canonical.save`` (DCP: masters, moments and steps by name, experts
+             [E, ...] written by their own ranks) and the load a resume on any layout does
+             (DCP read at this layout, checked against the manifest, set through the
+             accessors, weights refreshed from the masters).
+Times are the slowest rank's, between barriers, MIN over --repeats; both include the
+manifest's CRC-32 of every byte written; loads read files the save just wrote (the OS
+page cache: the cost of deserialising and placing, not of a cold disk). Bytes are every
+file of the checkpoint on disk (meta.json included).
+
+Analytic size: each parameter once (every expert once), as an fp32 master plus AdamW's two
+fp32 moments, 12 bytes a parameter (``sizing.param_counts``), plus the persistent buffers
+(the router's selection bias). Target: within 5% of it (DeepSpeed users have met
+checkpoints several times too large, DeepSpeed #2389).
+
+  python -m benchmarks.checkpoint [--configs tiny,large] [--repeats 2] [--json PATH]
+
+"tiny" is configs/tiny_moe.yaml; "large" (~71M parameters, 50M of them in 32 experts)
+runs on a 2-core 24 GiB machine in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+TINY_YAML = Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml"
+WORLD, EP, ZERO = 2, 2, 2
+TARGET = 0.05  # within 5% of the analytic size
+CONFIGS = {
+    "tiny": [],
+    "large": ["model.vocab_size=8192", "model.d_model=512", "model.num_layers=8", "model.num_heads=8",
+              "model.d_ff=2048", "model.max_seq_len=64", "moe.num_experts=8", "moe.d_ff=1024",
+              "data.seq_len=64", "data.micro_batch_size=1"],
+}
+
+
+def bench_config(name: str):
+    from moe_train.config import load_config
+
+    if name not in CONFIGS:
+        raise ValueError(f"--configs {name}: must be one of {', '.join(CONFIGS)}")
+    return load_config(TINY_YAML, CONFIGS[name] + [
+        f"parallel.expert_parallel_size={EP}", f"parallel.zero_stage={ZERO}", "train.dtype=fp32",
+        "logging.tensorboard=false", "parallel.device=cpu", "parallel.backend=gloo"])
+
+
+def analytic_bytes(cfg, model) -> int:
+    """12 bytes a parameter (fp32 master + 2 AdamW moments), each expert once, plus the
+    persistent buffers."""
+    from moe_train.model.sizing import param_counts
+
+    keys = set(model.state_dict(keep_vars=True))
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n in keys)
+    return 12 * param_counts(cfg.model, cfg.moe).total + buffers
+
+
+def _dir_bytes(path: Path, recursive: bool = False) -> int:
+    files = path.rglob("*") if recursive else path.iterdir()
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
+def _timed(fn, world: int) -> float:
+    """Seconds ``fn`` took on the slowest rank (a barrier before, a MAX after)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
+def _one_step(engine, cfg) -> None:
+    """One optimizer step on random tokens, so every AdamW moment exists."""
+    from moe_train.moe.losses import total_loss
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch_size, cfg.data.seq_len + 1), generator=g)
+    engine.ds.set_gradient_accumulation_boundary(True)
+    out = engine.ds(tokens[:, :-1], tokens[:, 1:])
+    engine.ds.backward(total_loss(out.lm_loss, out.moe_losses, cfg.moe, out.moe_seq_losses))
+    engine.ds.step()
+
+
+def measure(name: str, rank: int, root: Path, repeats: int) -> dict:
+    """Both checkpoints of config ``name`` saved and loaded ``repeats`` times (collective)."""
+    from moe_train import canonical
+    from moe_train import checkpoint as ckpt
+    from moe_train.config import config_to_dict
+    from moe_train.engine import build_engine
+    from moe_train.model.sizing import param_counts
+    from moe_train.parallel.groups import build_groups
+    from moe_train.parallel.topology import Topology
+    from moe_train.train import build_model
+
+    cfg = bench_config(name)
+    topo = Topology(WORLD, EP, cfg.moe.num_experts)
+    groups = build_groups(topo, rank)
+    model = build_model(cfg, groups, torch.device("cpu"))
+    engine = build_engine(cfg, model, groups)
+    _one_step(engine, cfg)
+    raw, state = config_to_dict(cfg), ckpt.TrainState(step=1, loader_states=[{}] * WORLD)
+    kwargs = dict(model=engine.module, optimizer=engine.optimizer, state=state)
+    times: dict[str, list[float]] = {k: [] for k in ("engine_save", "engine_load", "canonical_save",
+                                                     "canonical_load")}
+    path = root / ckpt.step_dir_name(1)
+    for _ in range(repeats):
+        times["engine_save"].append(_timed(lambda: ckpt.save_checkpoint(
+            root, topo=topo, rank=rank, config=raw, keep_last=1, **kwargs), WORLD))
+
+        def engine_load():
+            ckpt.load_model_weights(path, engine.module, topo, rank)
+            ckpt.load_optimizer_state(engine.optimizer, ckpt.load_rank_state(path, rank)["optimizer"], WORLD)
+
+        times["engine_load"].append(_timed(engine_load, WORLD))
+        times["canonical_save"].append(_timed(lambda: canonical.save(path, groups=groups, config=raw, **kwargs),
+                                              WORLD))
+
+        def canonical_load():
+            loaded = canonical.load(path / canonical.DIRNAME, engine.module, groups)
+            canonical.apply_to_model(engine.module, loaded)
+            canonical.restore_optimizer(engine.optimizer, engine.module, loaded)
+
+        times["canonical_load"].append(_timed(canonical_load, WORLD))
+    files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    return {"engine": {"save_s": min(times["engine_save"]), "load_s": min(times["engine_load"]),
+                       "bytes": sum(files.values()),
+                       "weights_bytes": sum(v for k, v in files.items() if k.startswith(("model_", "experts_"))),
+                       "rank_files_bytes": sum(v for k, v in files.items() if k.startswith("rank"))},
+            "canonical": {"save_s": min(times["canonical_save"]), "load_s": min(times["canonical_load"]),
+                          "bytes": _dir_bytes(path / canonical.DIRNAME)},
+            "analytic_bytes": analytic_bytes(cfg, engine.module),
+            "parameters": param_counts(cfg.model, cfg.moe).total}
+
+
+def _rank_main(rank: int, port: int, names: list[str], root: str, repeats: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
+    import torch.distributed as dist
+
+    from moe_train.parallel.init import init_distributed
+
+    try:
+        init_distributed("cpu", "gloo", 1800, always_group=True)
+        result = {}
+        for name in names:
+            result[name] = measure(name, rank, Path(root) / name, repeats)
+        Path(out).write_text(json.dumps({"ok": True, "result": result}))
+    except BaseException:
+        Path(out).write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(names: list[str], repeats: int, root: Optional[str] = None, timeout_s: float = 1800) -> dict:
+    """Spawns the ranks; returns {"configs": {name: {...}}} as rank 0 measured it."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = Path(root or tempfile.mkdtemp(prefix="ckpt_bench_"))
+    ctx = mp.get_context("spawn")
+    try:
+        outs = [str(work / f"rank{r}.json") for r in range(WORLD)]
+        procs = [ctx.Process(target=_rank_main, args=(r, port, names, str(work), repeats, outs[r]))
+                 for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                p.join()
+                raise RuntimeError(f"rank {r} still running after {timeout_s:.0f} s; killed")
+        got = [json.loads(Path(o).read_text()) if Path(o).exists() else None for o in outs]
+        for r, g in enumerate(got):
+            if g is None or not g["ok"]:
+                raise RuntimeError(f"rank {r} failed: {g['error'] if g else f'exit code {procs[r].exitcode}'}")
+        return {"configs": got[0]["result"]}
+    finally:
+        if root is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def print_table(report: dict) -> None:
+    print(f"\ncheckpoint save/load at world {WORLD}, ep {EP}, ZeRO {ZERO}, fp32, gloo on CPU "
+          f"({torch.get_num_threads()} threads here); slowest rank, min over repeats; loads from the page cache")
+    print(f"{'config':>6} {'params':>8} {'analytic MiB':>12} | {'engine save s':>13} {'load s':>7} "
+          f"{'MiB':>8} {'x analytic':>10} | {'canonical save s':>16} {'load s':>7} {'MiB':>8} "
+          f"{'x analytic':>10} | canonical/engine: save load bytes")
+    for name, r in report["configs"].items():
+        a, e, c = r["analytic_bytes"], r["engine"], r["canonical"]
+        print(f"{name:>6} {r['parameters'] / 1e6:7.2f}M {a / 2 ** 20:12.2f} | {e['save_s']:13.3f} "
+              f"{e['load_s']:7.3f} {e['bytes'] / 2 ** 20:8.2f} {e['bytes'] / a:10.3f} | {c['save_s']:16.3f} "
+              f"{c['load_s']:7.3f} {c['bytes'] / 2 ** 20:8.2f} {c['bytes'] / a:10.3f} | "
+              f"{c['save_s'] / e['save_s']:.2f} {c['load_s'] / e['load_s']:.2f} {c['bytes'] / e['bytes']:.2f}")
+    for name, r in report["configs"].items():
+        a, e, c = r["analytic_bytes"], r["engine"], r["canonical"]
+        verdict = lambda b: "ok" if abs(b / a - 1) <= TARGET else "MISS"  # noqa: E731
+        print(f"{name}: canonical {c['bytes'] / a - 1:+.1%} of analytic ({verdict(c['bytes'])}); engine "
+              f"{e['bytes'] / a - 1:+.1%} ({verdict(e['bytes'])}): model weights {e['weights_bytes'] / 2 ** 20:.2f} "
+              f"MiB (fp32, = 4 B a parameter) + ZeRO rank files {e['rank_files_bytes'] / 2 ** 20:.2f} MiB "
+              f"(fp32 master partition + 2 moments = 12 B a parameter)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="tiny,large", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", default=None, help="write {\"configs\": {NAME: {engine, canonical, "
+                                                     "analytic_bytes}}} here")
+    parser.add_argument("--dir", default=None, help="keep the checkpoints here (default: a temporary dir)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.configs.split(",") if n]
+    for name in names:
+        bench_config(name)  # a bad name fails before any process starts
+    report = run(names, args.repeats, args.dir)
+    print_table(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
