@@ -33,9 +33,10 @@ LAYOUTS = [(4, 4, 1), (2, 1, 0), (1, 1, 2)]
 
 def _cfg(tmp, world, ep, zero, **extra):
     """TINY with no dropped tokens (capacity factor E / k) and no clipping, micro-batch 2
-    and accumulation 4 / world: the global batch of 8 rows is the same at every layout."""
+    and accumulation 4 / world: the global batch of 8 rows is the same at every layout.
+    The selection bias is on, so a buffer (b_E, updated every step) travels too."""
     sections = {"parallel": {"expert_parallel_size": ep, "zero_stage": zero},
-                "moe": {"capacity_factor": 2.0}, "optim": {"grad_clip": 0.0},
+                "moe": {"capacity_factor": 2.0, "bias_update_rate": 1e-3}, "optim": {"grad_clip": 0.0},
                 "data": {"micro_batch_size": 2},
                 "train": {"max_steps": END, "grad_accum_steps": 4 // world},
                 "checkpoint": {"canonical_every_steps": SAVE_AT}}
@@ -179,6 +180,7 @@ def test_resume_on_another_layout_is_bitwise_then_trains_like_the_straight_run(s
     written, out = _resumed(straight, layout)
     saved = straight["state"]
     assert any(k.startswith("exp_avg_sq/") and ".experts." in k for k in saved)  # moments of experts
+    assert any(k.startswith("buffer/") and saved[k].abs().sum() > 0 for k in saved)  # b_E, updated
     assert all(float(v) == SAVE_AT for k, v in saved.items() if k.startswith("step/"))
     _assert_bitwise(canonical.read_all(written), saved, f"A -> {layout}")
     assert sorted(out["losses"]) == [4, 5, 6]
@@ -357,9 +359,12 @@ def _tiny_model(d_ff=8, seed=0):
     cfg = Config()
     cfg.model.vocab_size, cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads = 64, 16, 2, 2
     cfg.model.d_ff, cfg.model.max_seq_len = 32, 16
-    cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k = 4, d_ff, 2
+    cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k, cfg.moe.bias_update_rate = 4, d_ff, 2, 1e-3
     torch.manual_seed(seed)
-    return cfg, MoETransformer(cfg.model, cfg.moe)
+    model = MoETransformer(cfg.model, cfg.moe)
+    for name, b in model.named_buffers():  # the selection bias b_E, as after some updates
+        b.copy_(torch.randn(b.shape))
+    return cfg, model
 
 
 @pytest.fixture()
@@ -391,7 +396,8 @@ def test_canonical_manifest_names_a_corrupted_expert_moment_and_a_truncated_file
     name = next(n for n, p in model.named_parameters() if ".experts." in n)
     assert len(records[f"exp_avg_sq/{name}"]["rows_crc32"]) == 4  # one checksum per global expert
     assert records[f"step/{name}"]["shape"] == []
-    assert {f"buffer/{b}" for b, _ in model.named_buffers()} <= set(records)
+    buffers = {f"buffer/{b}" for b, _ in model.named_buffers()}
+    assert buffers and buffers <= set(records)
     row = opt.state[dict(model.named_parameters())[name]]["exp_avg"][2]
     data = next(path.glob("*.distcp"))
     raw = bytearray(data.read_bytes())
@@ -423,6 +429,8 @@ def test_canonical_load_refuses_a_model_it_does_not_fit(single):
     loaded = canonical.load(path, same, ParallelGroups(Topology(1, 1, 4), 0, None, None, None))
     canonical.apply_to_model(same, loaded)
     assert torch.equal(dict(same.named_parameters())[name], dict(model.named_parameters())[name])
+    for (b, want), got in zip(model.named_buffers(), same.buffers()):
+        assert torch.equal(got, want), b
 
 
 def test_half_written_canonical_is_never_used_and_pruning_keeps_the_newest_canonical(single):
