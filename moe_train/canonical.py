@@ -53,7 +53,6 @@ the expert); nothing missing is ever initialised instead.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
@@ -72,7 +71,6 @@ from moe_train import manifest as mf
 from moe_train.parallel.grads import is_expert_param
 from moe_train.parallel.groups import ParallelGroups
 
-log = logging.getLogger("moe_train.canonical")
 FORMAT_VERSION = 1
 DIRNAME = "canonical"
 KIND = "canonical"
@@ -191,26 +189,27 @@ class OptimizerView:
             self.base.state[slot]["step"] = torch.full_like(old, values.pop()) if torch.is_tensor(old) \
                 else values.pop()
 
-    def scaler(self) -> Optional[Any]:
-        return getattr(self.opt, "loss_scaler", None) or getattr(self.opt, "loss_scale_config", None)
-
 
 SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
+def _scaler(optimizer) -> tuple[Optional[Any], bool]:
+    """(DeepSpeed's loss scaler or its config object, whether it scales dynamically)."""
+    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    return obj, obj is not None and bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
+
+
 def scaler_state(optimizer) -> dict:
     """The loss scaler's position (fp16 dynamic scaling; static 1.0 otherwise)."""
-    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
+    obj, dynamic = _scaler(optimizer)
     if obj is None:
         return {}
     state = {k: getattr(obj, k) for k in SCALER_FIELDS if isinstance(getattr(obj, k, None), (int, float))}
-    state["dynamic"] = bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
-    return state
+    return {**state, "dynamic": dynamic}
 
 
 def _restore_scaler(optimizer, saved: dict) -> str:
-    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
-    dynamic = obj is not None and bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
+    obj, dynamic = _scaler(optimizer)
     if not saved.get("dynamic"):
         return ""
     if not dynamic:
@@ -428,11 +427,6 @@ def _publish(tmp: Path, final: Path, state: ckpt.TrainState, topo, config: dict,
 
 
 # --------------------------------------------------------------------------- verifying
-
-
-def is_canonical(path: Path) -> bool:
-    meta = ckpt.read_meta(Path(path))
-    return bool(meta and meta.get("kind") == KIND)
 
 
 def complete_canonical(step_dir: Path) -> Optional[Path]:

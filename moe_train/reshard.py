@@ -39,7 +39,7 @@ class ResumeSource:
 
 
 def describe_layout(meta: dict) -> str:
-    """"world W, ep E, ZeRO Z, dtype" of a checkpoint's meta."""
+    """The layout a checkpoint was saved at, as "world W, ep E, ZeRO Z, dtype"."""
     cfg, topo = meta.get("config", {}), meta["topology"]
     return (f"world {topo['world_size']}, ep {topo['ep_size']}, "
             f"ZeRO {cfg.get('parallel', {}).get('zero_stage', '?')}, {cfg.get('train', {}).get('dtype', '?')}")
@@ -67,15 +67,15 @@ def choose_resume(root: str | Path, resume: str, topo, config: dict) -> Optional
         return ResumeSource("engine", path)
     if meta.get("weights_only"):
         return ResumeSource("weights", path)
-    canonical = complete_canonical(path)
-    if canonical is not None:
-        problems = verify(canonical)
+    canonical_dir = complete_canonical(path)
+    if canonical_dir is not None:
+        problems = verify(canonical_dir)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ckpt.CheckpointError(f"{canonical} is needed to resume {path} on another layout but fails "
+            raise ckpt.CheckpointError(f"{canonical_dir} is needed to resume {path} on another layout but fails "
                                        f"verification: {problems[0]}{more}; rewrite it with "
                                        f"`moe-train ckpt canonical {path}`")
-        return ResumeSource("canonical", canonical)
+        return ResumeSource("canonical", canonical_dir)
     if config.get("checkpoint", {}).get("fresh_optimizer_on_new_layout"):
         return ResumeSource("fresh_optimizer", path)
     older = [p for p, _, ok in reversed(ckpt.list_checkpoints(path.parent))
@@ -154,6 +154,7 @@ def _convert_rank(path: str, cpu: bool) -> None:
     cfg = config_from_dict(meta["config"])
     if cpu:
         cfg.parallel.device, cfg.parallel.backend = "cpu", "gloo"
+    created = not dist.is_initialized()
     env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
                                    always_group=True)
     try:
@@ -165,9 +166,9 @@ def _convert_rank(path: str, cpu: bool) -> None:
         saved = ckpt.load_rank_state(Path(path), env.rank)
         ckpt.load_optimizer_state(engine.optimizer, saved["optimizer"], topo.world_size)
         canonical.save(path, model=engine.module, optimizer=engine.optimizer,
-             state=ckpt.TrainState(**meta["train_state"]), groups=groups, config=meta["config"])
+                       state=ckpt.TrainState(**meta["train_state"]), groups=groups, config=meta["config"])
     finally:
-        if dist.is_initialized():
+        if created and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -179,7 +180,7 @@ def _convert_worker(rank: int, world: int, port: int, path: str, result: str) ->
         _convert_rank(path, cpu=True)
         Path(result).write_text("ok")
     except BaseException as err:  # the parent reports the first rank's failure
-        Path(result).write_text(f"{type(err).__name__}: {err}")
+        Path(result).write_text(canonical._first_line(err))
 
 
 def _spawn_convert(path: Path, world: int, timeout_s: float) -> None:
@@ -208,5 +209,8 @@ def _spawn_convert(path: Path, world: int, timeout_s: float) -> None:
             text = Path(res).read_text() if os.path.exists(res) else \
                 f"no result (exit code {procs[rank].exitcode}; killed after {timeout_s:.0f} s?)"
             if text != "ok":
-                raise ckpt.CheckpointError(f"converting {path} to a canonical checkpoint: rank {rank} of {world} "
-                                           f"(gloo, CPU) failed: {text}")
+                raise ckpt.CheckpointError(
+                    f"converting {path} to a canonical checkpoint: rank {rank} of {world} (gloo, CPU) failed: "
+                    f"{text}. If the saved layout cannot run on this CPU (e.g. fp16), run the conversion on "
+                    f"the devices it was trained on: torchrun --nproc_per_node {world} -m moe_train ckpt "
+                    f"canonical {path}")
