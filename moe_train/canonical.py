@@ -57,6 +57,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -444,7 +445,9 @@ def read_all(path: str | Path) -> dict[str, Tensor]:
 
     metadata = FileSystemReader(str(path)).read_metadata()
     out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
-    dcp.load(out, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # one process on purpose: no "assuming a single process" warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(out, checkpoint_id=str(path), no_dist=True)
     return out
 
 
