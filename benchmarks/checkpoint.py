@@ -250,7 +250,8 @@ def print_table(report: dict) -> None:
         print(f"{name}: engine "
               f"{e['bytes'] / a - 1:+.1%} of analytic ({verdict(e['bytes'])}): model weights {e['weights_bytes'] / 2 ** 20:.2f} "
               f"MiB (fp32, = 4 B a parameter) + ZeRO rank files {e['rank_files_bytes'] / 2 ** 20:.2f} MiB "
-              f"(fp32 master partition + 2 moments = 12 B a parameter)")
+              f"(Adam's 2 moments, 8 B a parameter; at fp32 ZeRO's master partition is not stored "
+              f"again but rebuilt from the weights: moe_train.checkpoint.optimizer_state)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -296,7 +296,7 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
             entries.update(_write_listed(tmp, f"experts_ep{rank:03d}.pt",
                                          {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
         entries.update(_write_listed(tmp, f"rank{rank:05d}.pt",
-                                     {"optimizer": optimizer.state_dict(), "rng": rng_state()}))
+                                     {"optimizer": optimizer_state(optimizer), "rng": rng_state()}))
         if fault_hook is not None:
             fault_hook("save", tmp)
     except OSError as err:
@@ -441,14 +441,42 @@ def load_rank_state(path: Path, rank: int) -> dict:
     return _load_checked(path, f"rank{rank:05d}.pt", (read_meta(path) or {}).get("manifest"), rank)
 
 
+MASTERS_FROM_WEIGHTS = "moe_train_masters_from_weights"
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict for the rank file. Under ZeRO 1/2 with fp32 weights,
+    DeepSpeed's "fp32 master" partitions are bit-for-bit copies of the weights the model
+    files already hold (the optimizer step writes the master into the weight); saving
+    them again made engine checkpoints a third larger than 12 bytes a parameter
+    (benchmarks/checkpoint.py). They are left out and rebuilt from the weights on load,
+    exactly. Under bf16/fp16 the masters carry more bits than the weights and are kept."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    state = optimizer.state_dict()
+    if isinstance(optimizer, DeepSpeedZeroOptimizer) and all(
+            p.dtype == torch.float32 for group in optimizer.bit16_groups for p in group):
+        from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+
+        state = dict(state)
+        del state[SINGLE_PARTITION_OF_FP32_GROUPS]
+        state[MASTERS_FROM_WEIGHTS] = True
+    return state
+
+
 def load_optimizer_state(optimizer, saved: dict, world: int) -> None:
     """Restores a DeepSpeed optimizer's state saved on the same layout. ZeRO 1/2 take a
     list indexed by data-parallel rank (only this rank's entry is read) and restore
-    their fp32 master partitions from it; a plain optimizer takes the dict."""
+    their fp32 master partitions from it, or, when ``optimizer_state`` left them out
+    (fp32 weights), from the weights loaded before the engine was built; a plain
+    optimizer takes the dict."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if isinstance(optimizer, DeepSpeedZeroOptimizer):
-        optimizer.load_state_dict([saved] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+        from_weights = bool(saved.get(MASTERS_FROM_WEIGHTS))
+        saved = {k: v for k, v in saved.items() if k != MASTERS_FROM_WEIGHTS}
+        optimizer.load_state_dict([saved] * world, load_optimizer_states=True,
+                                  load_from_fp32_weights=not from_weights)
     else:
         optimizer.load_state_dict(saved)
 
