@@ -141,7 +141,7 @@ def plan_export(model: ModelConfig, moe: MoEConfig, arch: str = "auto",
         plan.impossible.append(f"model.norm = {model.norm!r}: the targets use RMSNorm")
     if model.position != "rope":
         plan.impossible.append(f"model.position = {model.position!r}: the targets use rotary positions (rope)")
-    if model.embed_dim is not None:
+    if model.embed_dim is not None and model.embed_dim != model.d_model:  # E = D is the plain table
         plan.impossible.append(f"model.embed_dim = {model.embed_dim}: factorised embeddings have no counterpart")
     if dense and model.mlp_activation != "swiglu":
         plan.impossible.append(f"model.mlp_activation = {model.mlp_activation!r}: the dense blocks of "
