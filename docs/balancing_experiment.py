@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
+
 RUNS = {
     "switch_loss": ["moe.aux_loss_coef=0.01"],
     "bias_softmax": ["moe.aux_loss_coef=0.0", "moe.bias_update_rate={rate}"],
@@ -39,29 +41,6 @@ RUNS = {
     "none": ["moe.aux_loss_coef=0.0"],
 }
 
-
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # torchrun, deepspeed
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
-
-
-def prepare(data: Path, corpus: str) -> Path:
-    """Corpus, tokenizer and shards as launchers/demo.sh makes them (once)."""
-    py = sys.executable
-    if not (data / "corpus" / "source.json").is_file():
-        run([py, "data_tools/prepare_corpus.py", corpus, "--out", str(data / "corpus")])
-    inputs = str(data / "corpus" / ("*.txt" if corpus == "shakespeare" else "corpus.jsonl"))
-    if not (data / "tok" / "sp.model").is_file():
-        run([py, "data_tools/train_tokenizer.py", "--input", inputs, "--output", str(data / "tok" / "sp"),
-             "--vocab-size", "2048"])
-    manifest = data / "shards" / "manifest.json"
-    if not manifest.is_file():
-        run([py, "data_tools/make_shards.py", "--input", inputs, "--tokenizer", str(data / "tok" / "sp.model"),
-             "--output", str(data / "shards"), "--seq-len", "128", "--val-fraction", "0.02",
-             "--samples-per-shard", "1024"])
-    return manifest
 
 
 def train(name: str, manifest: Path, runs: Path, steps: int, eval_every: int, rate: float,
@@ -150,7 +129,7 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "balancing.png")
     args = parser.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
-    manifest = prepare(args.data, args.corpus)
+    manifest = prepare_demo_data(Path(args.data), args.corpus)[0]
     runs = args.data / ("runs" if args.seed is None else f"runs_seed{args.seed}")
     if not args.summarise_only:
         for name in names:

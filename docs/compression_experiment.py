@@ -28,37 +28,14 @@ first ``--eval-batches``), moe_train.demo.heldout_loss, same batches for every r
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
 
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # torchrun, deepspeed
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
-
-
-def prepare(data: Path, corpus: str) -> Path:
-    """Corpus, tokenizer and shards as launchers/demo.sh makes them (once; reused)."""
-    py = sys.executable
-    if not (data / "corpus" / "source.json").is_file():
-        run([py, "data_tools/prepare_corpus.py", corpus, "--out", str(data / "corpus")])
-    inputs = str(data / "corpus" / ("*.txt" if corpus == "shakespeare" else "corpus.jsonl"))
-    if not (data / "tok" / "sp.model").is_file():
-        run([py, "data_tools/train_tokenizer.py", "--input", inputs, "--output", str(data / "tok" / "sp"),
-             "--vocab-size", "2048"])
-    manifest = data / "shards" / "manifest.json"
-    if not manifest.is_file():
-        run([py, "data_tools/make_shards.py", "--input", inputs, "--tokenizer", str(data / "tok" / "sp.model"),
-             "--output", str(data / "shards"), "--seq-len", "128", "--val-fraction", "0.02",
-             "--samples-per-shard", "1024"])
-    return manifest
 
 
 def train(manifest: Path, out: Path, steps: int, launcher: str, nproc: int) -> tuple[Path, str]:
@@ -94,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from moe_train.generate import load_for_inference
 
     work = Path(args.work)
-    manifest = prepare(Path(args.data), args.corpus)
+    manifest = prepare_demo_data(Path(args.data), args.corpus)[0]
     if args.checkpoint:
         source, trained = Path(args.checkpoint), f"(given: --checkpoint {args.checkpoint})"
     else:

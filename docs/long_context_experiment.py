@@ -53,6 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_train.demo import prepare_demo_data  # noqa: E402
+
 SCALINGS = ("none", "linear", "ntk", "yarn")
 FINETUNES = ("none", "linear", "yarn")
 TOKENS_PER_STEP = 2048  # the demo's: 2 ranks x 8 x 128
@@ -76,25 +78,6 @@ def run(cmd: list[str], log: Path | None = None) -> None:
         raise SystemExit(f"{cmd[3] if len(cmd) > 3 else cmd}: exit status {rc}; the whole log is {log}")
 
 
-def prepare(data: Path, seq_len: int) -> tuple[Path, Path]:
-    """Corpus, tokenizer and the demo's 128-token shards as launchers/demo.sh makes them
-    (once), and the same documents packed at ``seq_len`` and 2 x ``seq_len``."""
-    py = sys.executable
-    if not (data / "corpus" / "source.json").is_file():
-        run([py, "data_tools/prepare_corpus.py", "shakespeare", "--out", str(data / "corpus")])
-    inputs = str(data / "corpus" / "*.txt")
-    if not (data / "tok" / "sp.model").is_file():
-        run([py, "data_tools/train_tokenizer.py", "--input", inputs, "--output", str(data / "tok" / "sp"),
-             "--vocab-size", "2048"])
-    manifests = []
-    for S in (seq_len, 2 * seq_len):
-        shards = data / ("shards" if S == 128 else f"shards_s{S}")  # shards/: the demo's own
-        if not (shards / "manifest.json").is_file():
-            run([py, "data_tools/make_shards.py", "--input", inputs, "--tokenizer", str(data / "tok" / "sp.model"),
-                 "--output", str(shards), "--seq-len", str(S), "--val-fraction", "0.02",
-                 "--samples-per-shard", "1024"])
-        manifests.append(shards / "manifest.json")
-    return manifests[0], manifests[1]
 
 
 def overrides(seq_len: int, manifest: Path, out: Path, steps: int, scaling: str = "none",
@@ -185,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     S, data, work = args.seq_len, Path(args.data), Path(args.work)
     start = time.time()
-    short, long = prepare(data, S)
+    short, long = prepare_demo_data(data, "shakespeare", (S, 2 * S), run=run)
     base = work / "train_S"
     train(overrides(S, short, base, args.steps), base / "console.log")
     ckpt = base / "ckpt"

@@ -34,40 +34,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
 UPCYCLE = ["model.moe_every=2", "moe.num_experts=8", "moe.top_k=2", "moe.normalize_topk=true",
            "moe.capacity_factor=null", "moe.eval_capacity_factor=null"]
 
 
-def run(cmd: list[str]) -> None:
-    print("+ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # torchrun
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
-def prepare(data: Path) -> Path:
-    """Corpus, tokenizer and shards as launchers/demo.sh makes them (once)."""
-    py = sys.executable
-    if not (data / "corpus" / "source.json").is_file():
-        run([py, "data_tools/prepare_corpus.py", "shakespeare", "--out", str(data / "corpus")])
-    inputs = str(data / "corpus" / "*.txt")
-    if not (data / "tok" / "sp.model").is_file():
-        run([py, "data_tools/train_tokenizer.py", "--input", inputs, "--output", str(data / "tok" / "sp"),
-             "--vocab-size", "2048"])
-    manifest = data / "shards" / "manifest.json"
-    if not manifest.is_file():
-        run([py, "data_tools/make_shards.py", "--input", inputs, "--tokenizer", str(data / "tok" / "sp.model"),
-             "--output", str(data / "shards"), "--seq-len", "128", "--val-fraction", "0.02",
-             "--samples-per-shard", "1024"])
-    return manifest
 
 
 def train(config: Path, sets: list[str], launcher: str, resume: str = "auto") -> None:
@@ -183,7 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "upcycling.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "upcycling.png")
     args = parser.parse_args(argv)
-    manifest = prepare(args.data)
+    manifest = prepare_demo_data(Path(args.data))[0]
     work = args.work
     dense_dir = work / "pretrain"
     starts_path = work / "start_losses.json"
