@@ -11,7 +11,7 @@ with no custom code, in the transformers architecture that computes the same fun
              dense blocks as Qwen3-MoE; its q/k/v biases are written as zeros
 
 Which of our options map where, and which are refused or exported only with
-``--allow-inexact``: ``mapping.py`` (and docs/readme_parts/hf.md). Tensor names and
+``--allow-inexact``: ``mapping.py`` (and docs/checkpoints.md). Tensor names and
 layouts: ``weights.py``. The tokenizer (a ``tokenizer.json`` built from our
 SentencePiece model, checked to encode like it): ``tokenizer.py``. The commands:
 ``export.py`` and ``importer.py``.
