@@ -11,7 +11,7 @@ out="${OUT:-gpu_results}"
 mkdir -p "$out"
 nvidia-smi | tee "$out/nvidia-smi.txt"
 run() { echo "+ $*" | tee -a "$out/commands.txt"; "$@"; }
-run timeout 240 python -m pytest tests/gpu -q -ra 2>&1 | tee "$out/gpu_tests.txt"
+run timeout 240 python -m pytest tests/gpu tests/test_attention.py -q -ra 2>&1 | tee "$out/gpu_tests.txt"  # + flex_attention's CUDA gradients
 run timeout 240 python -m benchmarks.moe_layer --device cuda --dtype bf16 --reps 20 \
     --json "$out/moe_layer_bf16.json" 2>&1 | tee "$out/moe_layer_bf16.txt"
 run timeout 240 python -m benchmarks.train_step --device cuda --dtype bf16 --reps 20 --parts timing \
