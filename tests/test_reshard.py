@@ -189,6 +189,22 @@ def test_resume_on_another_layout_is_bitwise_then_trains_like_the_straight_run(s
         assert abs(loss - want) <= 1e-5 * abs(want), (layout, step, loss, want)
 
 
+def test_a_model_with_shared_layers_reshards_exactly(tmp_path):
+    """ALBERT sharing (``share_layers: all``: every block reuses the first block's modules,
+    so the shared MoE layer's experts and its selection bias appear under every block's
+    name) through the canonical checkpoint: saved at (world 2, ep 2, ZeRO 2), resumed at
+    (1, 1, ZeRO 1); the next losses equal the straight run's to 1e-5 relative."""
+    share = {"model": {"share_layers": "all", "num_layers": 4}}
+    a = _cfg(tmp_path / "a", 2, 2, 2, **share)
+    losses = run_ranks(_train_worker, 2, timeout_s=400, raw_cfg=config_to_dict(a), resume="none")[0]
+    src = Path(a.checkpoint.dir) / ckpt.step_dir_name(SAVE_AT)
+    b = _cfg(tmp_path / "b", 1, 1, 1, **share)
+    resumed = run_ranks(_train_worker, 1, timeout_s=400, raw_cfg=config_to_dict(b), resume=str(src))[0]
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert abs(loss - losses[step]) <= 1e-5 * abs(losses[step]), (step, loss, losses[step])
+
+
 def test_a_to_b_to_a_is_bitwise(straight):
     """A's step-3 state loaded at B = (4, 4, ZeRO 1) and written there (each rank one
     expert), then that loaded at A = (4, 2, ZeRO 2) again and written: every tensor
