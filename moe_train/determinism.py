@@ -68,8 +68,8 @@ def configure(enabled: bool, device: torch.device) -> Determinism:
     if device.type == "cpu":
         # Deterministic mode also fills every torch.empty with NaN (a debugging aid
         # against reads of uninitialised memory). On CPU it made a training step about 9x
-        # slower (page faults on DeepSpeed's large flat buffers: 56 s instead of 6 s for
-        # tests/test_determinism.py's run), and the CPU kernels we run are deterministic
+        # slower (page faults on DeepSpeed's large flat buffers: tests/test_determinism.py
+        # took 137 s with it, 12 s without), and the CPU kernels we run are deterministic
         # without it; CUDA keeps PyTorch's default.
         torch.utils.deterministic.fill_uninitialized_memory = False
     previous = warnings.showwarning
