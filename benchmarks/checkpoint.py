@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -196,31 +195,20 @@ def _rank_main(rank: int, port: int, names: list[str], root: str, repeats: int, 
 
 def run(names: list[str], repeats: int, root: Optional[str] = None, timeout_s: float = 1800) -> dict:
     """Spawns the ranks; returns {"configs": {name: {...}}} as rank 0 measured it."""
-    import torch.multiprocessing as mp
+    from moe_train.parallel.spawn import free_local_port, run_local_processes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     work = Path(root or tempfile.mkdtemp(prefix="ckpt_bench_"))
-    ctx = mp.get_context("spawn")
     try:
         outs = [str(work / f"rank{r}.json") for r in range(WORLD)]
-        procs = [ctx.Process(target=_rank_main, args=(r, port, names, str(work), repeats, outs[r]))
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for r, p in enumerate(procs):
-            if p.is_alive():
-                p.kill()
-                p.join()
-                raise RuntimeError(f"rank {r} still running after {timeout_s:.0f} s; killed")
+        codes = run_local_processes(_rank_main, [(r, port, names, str(work), repeats, outs[r])
+                                                 for r in range(WORLD)], timeout_s)
+        if None in codes:
+            raise RuntimeError(f"rank {codes.index(None)} still running after {timeout_s:.0f} s; killed")
         got = [json.loads(Path(o).read_text()) if Path(o).exists() else None for o in outs]
         for r, g in enumerate(got):
             if g is None or not g["ok"]:
-                raise RuntimeError(f"rank {r} failed: {g['error'] if g else f'exit code {procs[r].exitcode}'}")
+                raise RuntimeError(f"rank {r} failed: {g['error'] if g else f'exit code {codes[r]}'}")
         return {"configs": got[0]["result"]}
     finally:
         if root is None:

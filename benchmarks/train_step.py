@@ -336,32 +336,19 @@ def run_memory(names: list[str], dtype: str, timeout_s: float = 600) -> dict:
     """Part 2 on ``MEMORY_WORLD`` spawned gloo ranks; returns
     {config: {stage: {adam_state, fp32_master, total, analytic, per_rank_total}}}, the
     byte counts of the rank that holds the most."""
-    import socket
+    from moe_train.parallel.spawn import free_local_port, run_local_processes
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    port = free_local_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_memory_rank, args=(r, MEMORY_WORLD, port, names, dtype, out_dir))
-                 for r in range(MEMORY_WORLD)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for r, p in enumerate(procs):
-            if p.is_alive():
-                p.kill()
-                p.join()
-                raise RuntimeError(f"memory rank {r} still running after {timeout_s} s; killed")
+        codes = run_local_processes(_memory_rank, [(r, MEMORY_WORLD, port, names, dtype, out_dir)
+                                                   for r in range(MEMORY_WORLD)], timeout_s)
+        if None in codes:
+            raise RuntimeError(f"memory rank {codes.index(None)} still running after {timeout_s} s; killed")
         results = []
         for r in range(MEMORY_WORLD):
             path = Path(out_dir, f"rank{r}.json")
             if not path.exists():
-                raise RuntimeError(f"memory rank {r} exited with code {procs[r].exitcode} and no result")
+                raise RuntimeError(f"memory rank {r} exited with code {codes[r]} and no result")
             got = json.loads(path.read_text())
             if not got["ok"]:
                 raise RuntimeError(f"memory rank {r} failed:\n{got['error']}")

@@ -11,7 +11,6 @@ AdamW's moments (a known failure of several stacks: Megatron PR #7162, DeepSpeed
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -186,28 +185,17 @@ def _convert_worker(rank: int, world: int, port: int, path: str, result: str) ->
 def _spawn_convert(path: Path, world: int, timeout_s: float) -> None:
     import tempfile
 
-    import torch.multiprocessing as mp
+    from moe_train.parallel.spawn import free_local_port, run_local_processes
 
-    from moe_train.parallel.init import _free_local_port
-
-    ctx = mp.get_context("spawn")
-    port = _free_local_port()
+    port = free_local_port()
     with tempfile.TemporaryDirectory() as out:
         results = [os.path.join(out, f"rank{r}") for r in range(world)]
-        procs = [ctx.Process(target=_convert_worker, args=(r, world, port, str(path), results[r]))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        codes = run_local_processes(_convert_worker, [(r, world, port, str(path), results[r]) for r in range(world)],
+                                    timeout_s)
         for rank, res in enumerate(results):
-            text = Path(res).read_text() if os.path.exists(res) else \
-                f"no result (exit code {procs[rank].exitcode}; killed after {timeout_s:.0f} s?)"
+            text = Path(res).read_text() if os.path.exists(res) else (
+                f"no result (exit code {codes[rank]})" if codes[rank] is not None
+                else f"still running after {timeout_s:.0f} s; killed")
             if text != "ok":
                 raise ckpt.CheckpointError(
                     f"converting {path} to a canonical checkpoint: rank {rank} of {world} (gloo, CPU) failed: "

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
-import time
 import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from moe_train.parallel.spawn import free_local_port, run_local_processes
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = free_local_port
 
 
 def _worker(rank, world_size, port, out_dir, fn, kwargs):
@@ -43,27 +38,17 @@ def _worker(rank, world_size, port, out_dir, fn, kwargs):
 def run_ranks(fn, world_size: int, timeout_s: float = 180, **kwargs) -> list:
     """Calls ``fn(rank, world_size, **kwargs)`` on ``world_size`` gloo ranks; returns
     the list of per-rank return values (anything ``torch.save`` can store)."""
-    ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, fn, kwargs))
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        alive = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        codes = run_local_processes(_worker, [(r, world_size, port, out_dir, fn, kwargs)
+                                              for r in range(world_size)], timeout_s)
+        alive = [r for r, code in enumerate(codes) if code is None]
         results = []
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pt")
             if not os.path.exists(path):
                 raise AssertionError(f"rank {r} produced no result (still running after "
-                                     f"{timeout_s}s: ranks {alive}; exit code {procs[r].exitcode})")
+                                     f"{timeout_s}s: ranks {alive}; exit code {codes[r]})")
             out = torch.load(path, weights_only=False)
             if not out["ok"]:
                 raise AssertionError(f"rank {r} failed:\n{out['error']}")

@@ -24,6 +24,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from moe_train.parallel.spawn import free_local_port
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -166,12 +168,6 @@ def _mpi_master_addr(env: DistEnv) -> str:
     return MPI.COMM_WORLD.bcast(socket.gethostname() if env.rank == 0 else None, root=0)
 
 
-def _free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600,
                      env: Optional[DistEnv] = None,
                      always_group: bool = False) -> tuple[DistEnv, torch.device]:
@@ -194,7 +190,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if env.world_size == 1 and env.source == "single":
         addr = "127.0.0.1"
         if "MASTER_PORT" not in os.environ:
-            env = DistEnv(0, 1, 0, addr, _free_local_port(), "single")
+            env = DistEnv(0, 1, 0, addr, free_local_port(), "single")
     if env.source == "mpi" and "MASTER_ADDR" not in os.environ:
         addr = _mpi_master_addr(env)
     os.environ.setdefault("MASTER_ADDR", addr)
