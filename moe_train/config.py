@@ -14,6 +14,7 @@ config object.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -534,6 +535,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, yaml.safe_load(value) if value.strip() else None
 
 
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A deep copy of the config dict ``raw`` with ``--set section.key=value`` applied
+    (``parse_override``; missing sections are created)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for part in keys[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[keys[-1]] = value
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Loads a YAML config (or the defaults when ``path`` is None) and applies
     ``--set section.key=value`` overrides. Raises ValueError naming file and key."""
@@ -548,14 +564,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: top level must be a mapping of sections")
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for part in keys[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[keys[-1]] = value
+    raw = apply_overrides(raw, overrides)
     try:
         return config_from_dict(raw)
     except ValueError as err:

@@ -50,14 +50,13 @@ the data loader continues where the dense run stopped (its ``loader_states``) an
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moe_train.config import Config, config_from_dict, config_to_dict, dump_config, parse_override
+from moe_train.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 
 # Model keys the copied tensors are shaped by (model.moe_every and model.first_dense_layers
 # choose which blocks become MoE and may change); model.max_seq_len shapes the learned
@@ -133,20 +132,6 @@ class UpcycleReport:
 
 
 # ------------------------------------------------------------------------- config
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """A deep copy of the config dict ``raw`` with ``--set section.key=value`` applied."""
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for part in keys[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[keys[-1]] = value
-    return raw
 
 
 def check_convertible(dense: Config, cfg: Config) -> int:

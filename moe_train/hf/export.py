@@ -33,7 +33,7 @@ import torch
 from moe_train.checkpoint import CheckpointError, list_checkpoints, read_meta, verify_checkpoint
 from moe_train.config import Config, config_from_dict
 from moe_train.hf.mapping import NAMES, ExportPlan, hf_config, plan_export
-from moe_train.hf.weights import to_hf
+from moe_train.hf.weights import model_mismatch, to_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,15 +134,9 @@ def _check_names(sd: dict, cfg: Config, path: Path) -> None:
     from moe_train.model.transformer import MoETransformer
 
     with torch.device("meta"):
-        expected = MoETransformer(cfg.model, cfg.moe).state_dict()
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{path}: tensors differ from the model of its config: missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
-    for name, t in expected.items():
-        if tuple(sd[name].shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(sd[name].shape)}, the model of its config "
-                                  f"expects {tuple(t.shape)}")
+        problem = model_mismatch(sd, MoETransformer(cfg.model, cfg.moe))
+    if problem:
+        raise CheckpointError(f"{path}: against the model of its config: {problem}")
 
 
 def _selection_bias_is_zero(sd: dict) -> bool:

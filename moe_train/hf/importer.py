@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from moe_train.config import Config, ModelConfig, config_from_dict, config_to_dict, dump_config, parse_override
+from moe_train.config import (Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, dump_config,
+                              parse_override)
 from moe_train.hf.mapping import NAMES, config_from_hf
-from moe_train.hf.weights import from_hf, shared_kind
+from moe_train.hf.weights import from_hf, model_mismatch, shared_kind
 
 
 @dataclass
@@ -108,10 +109,7 @@ def imported_config(base: str | None, overrides: list[str], model: dict, moe: di
             raise ValueError(f"--set {text}: {'.'.join(keys)} comes from the Hugging Face config.json")
         if keys == ["checkpoint", "dir"]:
             raise ValueError(f"--set {text}: the checkpoint goes to --out ({out}); drop the override")
-        node = raw
-        for part in keys[:-1]:
-            node = node.setdefault(part, {})
-        node[keys[-1]] = value
+    raw = apply_overrides(raw, overrides)
     for section, values in (("model", model), ("moe", moe)):
         overwritten = sorted(k for k in values if k in (raw.get(section) or {}) and raw[section][k] != values[k])
         if overwritten:
@@ -138,15 +136,9 @@ def _split(sd: dict, cfg: Config, where: str) -> tuple[dict, dict]:
 
     with torch.device("meta"):
         model = MoETransformer(cfg.model, cfg.moe)
-    expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{where}: the converted tensors differ from the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
-    for name, t in expected.items():
-        if tuple(sd[name].shape) != tuple(t.shape):
-            raise ValueError(f"{where}: {name} converts to shape {tuple(sd[name].shape)}, the model expects "
-                             f"{tuple(t.shape)} (inconsistent config.json?)")
+    problem = model_mismatch(sd, model)
+    if problem:
+        raise ValueError(f"{where}: the converted {problem} (inconsistent config.json?)")
     expert_names = {n for n, p in model.named_parameters(remove_duplicate=False) if is_expert_param(p)}
     dense = {n: t for n, t in sd.items() if n not in expert_names}
     return dense, {n: t for n, t in sd.items() if n in expert_names}

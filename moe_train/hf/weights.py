@@ -226,3 +226,17 @@ def shared_kind(tensors: dict[str, Tensor], model: ModelConfig) -> str:
     if all_zero(["shared_expert_gate.weight"]):
         return "ungated"
     return "gated"
+
+
+def model_mismatch(sd: dict, model) -> str | None:
+    """What keeps ``sd`` from loading into ``model`` (a model built on the meta device
+    from the config: no memory): the missing and unexpected names, or the first tensor
+    whose shape differs; None when it fits."""
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or extra:
+        return f"tensors differ from the model: missing {missing[:5]}, unexpected {extra[:5]}"
+    for name, t in expected.items():
+        if tuple(sd[name].shape) != tuple(t.shape):
+            return f"{name} has shape {tuple(sd[name].shape)}, the model expects {tuple(t.shape)}"
+    return None
