@@ -24,7 +24,9 @@ from typing import Any, Optional
 
 import yaml
 
+from moe_train.config_checks import choice, fail
 from moe_train.data.config import DataConfig
+from moe_train.model.config import ModelConfig
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 DROP_POLICIES = ("position", "probs")
@@ -37,138 +39,6 @@ GROUP_SCORES = ("top2_sum", "max")
 DISPATCH_MODES = ("per_assignment", "once_per_rank")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def _fail(key: str, value: Any, why: str) -> None:
-    raise ValueError(f"{key} = {value!r}: {why}")
-
-
-NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope", "alibi")
-ATTENTIONS = ("full", "sliding_window", "local_block", "longformer")
-ATTENTION_IMPLS = ("auto", "flex", "sdpa")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
-SHARE_LAYERS = ("none", "attention", "mlp", "all")
-MLP_ACTIVATIONS = ("gelu", "swiglu")
-
-
-@dataclass
-class ModelConfig:
-    """The transformer around the MoE layers. The defaults are a GPT-2-like decoder
-    (LayerNorm, learned positions, GELU dense MLP, multi-head attention, no dropout)."""
-
-    vocab_size: int = 32000
-    d_model: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: Optional[int] = None  # grouped-query attention; None = num_heads (MHA)
-    d_ff: int = 2048  # dense MLP hidden width (non-MoE blocks)
-    mlp_activation: str = "gelu"  # dense MLP: gelu, or swiglu = down(silu(gate(x)) * up(x))
-    norm: str = "layernorm"  # or rmsnorm
-    norm_eps: float = 1e-5
-    position: str = "learned"  # learned absolute embeddings, rope (rotary, on q and k) or alibi (score bias)
-    rope_theta: float = 10000.0
-    max_seq_len: int = 1024
-    moe_every: int = 2  # block i has an MoE MLP when (i + 1) % moe_every == 0; 0 = no MoE
-    first_dense_layers: int = 0  # the first n blocks are dense whatever moe_every says
-    dropout: float = 0.0  # embedding, attention-probability and residual-branch dropout
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    # ALBERT (Lan et al. 2019). Factorised embeddings: a V x E table and an E -> D
-    # projection (tied with the head through the same factorisation); null: E = d_model.
-    embed_dim: Optional[int] = None
-    # Cross-layer parameter sharing: none, attention, mlp (with MoE blocks: the experts
-    # and router) or all; in groups of share_group_size consecutive blocks (0: one group).
-    share_layers: str = "none"
-    share_group_size: int = 0
-    # Attention pattern, causal in every case: full; sliding_window (each query sees the
-    # last `window` keys, itself included); local_block (blocks of `window` tokens, each
-    # sees its own block); longformer (sliding window plus the first `global_tokens`
-    # tokens of the sequence, which attend causally to everything before them).
-    attention: str = "full"
-    window: int = 256
-    global_tokens: int = 0
-    attention_impl: str = "auto"  # auto: flex_attention where it runs, else SDPA + a mask
-    # Per-head RMSNorm on q and k before the rotary positions (Qwen3, OLMoE).
-    qk_norm: bool = False
-    # Rotary scaling to extend the context after pretraining: none, linear (position
-    # interpolation), ntk (NTK-aware base change) or yarn; factor = new / original length.
-    rope_scaling: str = "none"
-    rope_scaling_factor: float = 1.0
-    rope_original_max_len: Optional[int] = None  # yarn: the pretraining length (null: max_seq_len / factor)
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                _fail(f"model.{name}", getattr(self, name), "must be > 0")
-        if self.d_model % self.num_heads:
-            _fail("model.d_model", self.d_model, f"must be divisible by model.num_heads ({self.num_heads})")
-        if self.num_kv_heads is not None and not (
-                self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads == 0):
-            _fail("model.num_kv_heads", self.num_kv_heads,
-                  f"must be >= 1 and divide model.num_heads ({self.num_heads}), or null")
-        _choice("model.mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
-        _choice("model.norm", self.norm, NORMS)
-        _choice("model.position", self.position, POSITIONS)
-        if self.position == "rope" and self.head_dim % 2:
-            _fail("model.position", self.position,
-                  f"rope needs an even head dim, got d_model / num_heads = {self.head_dim}")
-        for name in ("norm_eps", "rope_theta", "init_std"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                _fail(f"model.{name}", value, "must be > 0")
-        if self.moe_every < 0:
-            _fail("model.moe_every", self.moe_every, "must be >= 0 (0 disables MoE)")
-        if not 0 <= self.first_dense_layers <= self.num_layers:
-            _fail("model.first_dense_layers", self.first_dense_layers,
-                  f"must be in [0, model.num_layers = {self.num_layers}]")
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("model.dropout", self.dropout, "must be in [0, 1)")
-        self._validate_options()
-
-    def _validate_options(self) -> None:
-        if self.embed_dim is not None and not 0 < self.embed_dim <= self.d_model:
-            _fail("model.embed_dim", self.embed_dim, f"must be in (0, model.d_model = {self.d_model}], or null")
-        _choice("model.share_layers", self.share_layers, SHARE_LAYERS)
-        if self.share_group_size < 0 or (self.share_group_size and self.num_layers % self.share_group_size):
-            _fail("model.share_group_size", self.share_group_size,
-                  f"must be 0 (one group) or divide model.num_layers ({self.num_layers})")
-        _choice("model.attention", self.attention, ATTENTIONS)
-        _choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        if self.attention_impl == "flex" and self.dropout > 0:
-            _fail("model.attention_impl", self.attention_impl, f"flex_attention has no attention dropout: "
-                  f"set model.dropout = 0 (got {self.dropout}), or use sdpa or auto")
-        if self.attention != "full" and self.window < 1:
-            _fail("model.window", self.window, f"must be >= 1 for model.attention = {self.attention}")
-        if self.global_tokens < 0 or (self.global_tokens and self.attention != "longformer"):
-            _fail("model.global_tokens", self.global_tokens, "must be >= 0, and is used by "
-                  "model.attention = longformer only")
-        _choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
-        if self.rope_scaling != "none":
-            if self.position != "rope":
-                _fail("model.rope_scaling", self.rope_scaling, f"needs model.position = rope, got {self.position!r}")
-            if not self.rope_scaling_factor >= 1.0:
-                _fail("model.rope_scaling_factor", self.rope_scaling_factor, "must be >= 1")
-        if self.rope_original_max_len is not None and self.rope_original_max_len <= 0:
-            _fail("model.rope_original_max_len", self.rope_original_max_len, "must be > 0 or null")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads: ``num_kv_heads``, or ``num_heads`` when that is None."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    def is_moe_block(self, i: int) -> bool:
-        """Block i (0-based) has an MoE MLP iff moe_every > 0, i >= first_dense_layers and
-        (i + 1) % moe_every == 0 (Switch: every other block; DeepSeek: dense first blocks)."""
-        return self.moe_every > 0 and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
-
-    @property
-    def num_moe_blocks(self) -> int:
-        return sum(self.is_moe_block(i) for i in range(self.num_layers))
 
 
 @dataclass
@@ -210,62 +80,62 @@ class MoEConfig:
 
     def validate(self) -> None:
         if self.num_experts < 1:
-            _fail("moe.num_experts", self.num_experts, "must be >= 1")
+            fail("moe.num_experts", self.num_experts, "must be >= 1")
         if not 1 <= self.top_k <= min(8, self.num_experts):
-            _fail("moe.top_k", self.top_k,
-                  f"must be between 1 and min(8, moe.num_experts = {self.num_experts})")
+            fail("moe.top_k", self.top_k,
+                 f"must be between 1 and min(8, moe.num_experts = {self.num_experts})")
         if self.d_ff <= 0:
-            _fail("moe.d_ff", self.d_ff, "must be > 0")
-        _choice("moe.activation", self.activation, ACTIVATIONS)
-        _choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
-        _choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
+            fail("moe.d_ff", self.d_ff, "must be > 0")
+        choice("moe.activation", self.activation, ACTIVATIONS)
+        choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
+        choice("moe.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
-                _fail(f"moe.{name}", value, "must be > 0, or null for dropless routing")
+                fail(f"moe.{name}", value, "must be > 0, or null for dropless routing")
         if self.min_capacity < 0:
-            _fail("moe.min_capacity", self.min_capacity, "must be >= 0")
+            fail("moe.min_capacity", self.min_capacity, "must be >= 0")
         if not 0.0 <= self.jitter_eps < 1.0:
-            _fail("moe.jitter_eps", self.jitter_eps, "must be in [0, 1)")
+            fail("moe.jitter_eps", self.jitter_eps, "must be in [0, 1)")
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
-                _fail(f"moe.{name}", getattr(self, name), "must be >= 0")
+                fail(f"moe.{name}", getattr(self, name), "must be >= 0")
         self._validate_routing_options()
 
     def _validate_routing_options(self) -> None:
         """Score function, shared experts, selection bias, groups, dispatch."""
-        _choice("moe.score_func", self.score_func, SCORE_FUNCS)
-        _choice("moe.shared_gate", self.shared_gate, SHARED_GATES)
-        _choice("moe.group_score", self.group_score, GROUP_SCORES)
-        _choice("moe.dispatch", self.dispatch, DISPATCH_MODES)
+        choice("moe.score_func", self.score_func, SCORE_FUNCS)
+        choice("moe.shared_gate", self.shared_gate, SHARED_GATES)
+        choice("moe.group_score", self.group_score, GROUP_SCORES)
+        choice("moe.dispatch", self.dispatch, DISPATCH_MODES)
         if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
-            _fail("moe.route_scale", self.route_scale, "must be > 0")
+            fail("moe.route_scale", self.route_scale, "must be > 0")
         if self.shared_d_ff < 0:
-            _fail("moe.shared_d_ff", self.shared_d_ff, "must be >= 0 (0 = no shared expert)")
+            fail("moe.shared_d_ff", self.shared_d_ff, "must be >= 0 (0 = no shared expert)")
         if self.shared_gate != "none" and self.shared_d_ff == 0:
-            _fail("moe.shared_gate", self.shared_gate, "needs a shared expert (moe.shared_d_ff > 0)")
+            fail("moe.shared_gate", self.shared_gate, "needs a shared expert (moe.shared_d_ff > 0)")
         for name in ("bias_update_rate", "seq_balance_coef"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                _fail(f"moe.{name}", value, "must be >= 0")
+                fail(f"moe.{name}", value, "must be >= 0")
         if self.bias_freeze_step is not None and self.bias_freeze_step < 0:
-            _fail("moe.bias_freeze_step", self.bias_freeze_step, "must be >= 0, or null (never frozen)")
+            fail("moe.bias_freeze_step", self.bias_freeze_step, "must be >= 0, or null (never frozen)")
         E, G, M = self.num_experts, self.num_groups, self.groups_per_token
         if G < 1 or E % G:
-            _fail("moe.num_groups", G, f"must be >= 1 and divide moe.num_experts ({E})")
+            fail("moe.num_groups", G, f"must be >= 1 and divide moe.num_experts ({E})")
         if M < 1:
-            _fail("moe.groups_per_token", M, "must be >= 1")
+            fail("moe.groups_per_token", M, "must be >= 1")
         if M > G:
-            _fail("moe.groups_per_token", M, f"must be <= moe.num_groups ({G})")
+            fail("moe.groups_per_token", M, f"must be <= moe.num_groups ({G})")
         if M * (E // G) < self.top_k:
-            _fail("moe.groups_per_token", M,
-                  f"keeps {M} x {E // G} = {M * (E // G)} experts per token (moe.num_experts / "
-                  f"moe.num_groups = {E // G} per group), fewer than moe.top_k ({self.top_k})")
+            fail("moe.groups_per_token", M,
+                 f"keeps {M} x {E // G} = {M * (E // G)} experts per token (moe.num_experts / "
+                 f"moe.num_groups = {E // G} per group), fewer than moe.top_k ({self.top_k})")
         if G > 1 and self.group_score == "top2_sum" and E // G < 2:
-            _fail("moe.group_score", self.group_score,
-                  f"needs at least 2 experts per group (moe.num_experts / moe.num_groups = {E // G}); "
-                  f"use max")
+            fail("moe.group_score", self.group_score,
+                 f"needs at least 2 experts per group (moe.num_experts / moe.num_groups = {E // G}); "
+                 f"use max")
 
     @property
     def has_bias(self) -> bool:
@@ -291,17 +161,17 @@ class ParallelConfig:
 
     def validate(self) -> None:
         if self.expert_parallel_size < 1:
-            _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
+            fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         if self.zero_stage not in (0, 1, 2):
-            _fail("parallel.zero_stage", self.zero_stage,
-                  "must be 0, 1 or 2: ZeRO-3 would shard expert weights over all ranks, which "
-                  "DeepSpeed refuses for MoE layers (and would silently mix for ours); use "
-                  "zero_stage 2 with parallel.expert_parallel_size up to the world size to spread "
-                  "experts, gradients and optimizer state")
-        _choice("parallel.backend", self.backend, BACKENDS)
-        _choice("parallel.device", self.device, DEVICES)
+            fail("parallel.zero_stage", self.zero_stage,
+                 "must be 0, 1 or 2: ZeRO-3 would shard expert weights over all ranks, which "
+                 "DeepSpeed refuses for MoE layers (and would silently mix for ours); use "
+                 "zero_stage 2 with parallel.expert_parallel_size up to the world size to spread "
+                 "experts, gradients and optimizer state")
+        choice("parallel.backend", self.backend, BACKENDS)
+        choice("parallel.device", self.device, DEVICES)
         if self.timeout_s <= 0:
-            _fail("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
+            fail("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
 
 
 @dataclass
@@ -318,18 +188,18 @@ class OptimConfig:
 
     def validate(self) -> None:
         if not self.lr > 0:
-            _fail("optim.lr", self.lr, "must be > 0")
+            fail("optim.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
-            _fail("optim.min_lr", self.min_lr, f"must be in [0, optim.lr = {self.lr}]")
+            fail("optim.min_lr", self.min_lr, f"must be in [0, optim.lr = {self.lr}]")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                _fail(f"optim.{name}", getattr(self, name), "must be in [0, 1)")
+                fail(f"optim.{name}", getattr(self, name), "must be in [0, 1)")
         for name in ("weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
-                _fail(f"optim.{name}", getattr(self, name), "must be >= 0")
+                fail(f"optim.{name}", getattr(self, name), "must be >= 0")
         if not self.eps > 0:
-            _fail("optim.eps", self.eps, "must be > 0")
-        _choice("optim.decay", self.decay, ("cosine", "linear", "constant"))  # schedule.SCHEDULES
+            fail("optim.eps", self.eps, "must be > 0")
+        choice("optim.decay", self.decay, ("cosine", "linear", "constant"))  # schedule.SCHEDULES
 
 
 @dataclass
@@ -358,15 +228,15 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("grad_accum_steps", "max_steps", "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
-                _fail(f"train.{name}", getattr(self, name), "must be > 0")
+                fail(f"train.{name}", getattr(self, name), "must be > 0")
         for name in ("eval_every", "eval_steps"):
             if getattr(self, name) < 0:
-                _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+                fail(f"train.{name}", getattr(self, name), "must be >= 0")
         if self.exit_before_time_limit_min < 0:
-            _fail("train.exit_before_time_limit_min", self.exit_before_time_limit_min, "must be >= 0 minutes")
+            fail("train.exit_before_time_limit_min", self.exit_before_time_limit_min, "must be >= 0 minutes")
         if self.global_batch_size is not None and self.global_batch_size <= 0:
-            _fail("train.global_batch_size", self.global_batch_size, "must be > 0 (or null)")
-        _choice("train.dtype", self.dtype, DTYPES)
+            fail("train.global_batch_size", self.global_batch_size, "must be > 0 (or null)")
+        choice("train.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -384,13 +254,13 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.canonical_every_steps < 0:
-            _fail("checkpoint.canonical_every_steps", self.canonical_every_steps, "must be >= 0")
+            fail("checkpoint.canonical_every_steps", self.canonical_every_steps, "must be >= 0")
         if not self.dir:
-            _fail("checkpoint.dir", self.dir, "must be a non-empty path")
+            fail("checkpoint.dir", self.dir, "must be a non-empty path")
         if self.every_steps < 0:
-            _fail("checkpoint.every_steps", self.every_steps, "must be >= 0")
+            fail("checkpoint.every_steps", self.every_steps, "must be >= 0")
         if self.keep_last < 1:
-            _fail("checkpoint.keep_last", self.keep_last, "must be >= 1")
+            fail("checkpoint.keep_last", self.keep_last, "must be >= 1")
 
 
 @dataclass
@@ -409,13 +279,13 @@ class LoggingConfig:
 
     def validate(self) -> None:
         if self.every_steps <= 0:
-            _fail("logging.every_steps", self.every_steps, "must be > 0")
+            fail("logging.every_steps", self.every_steps, "must be > 0")
         if self.dead_expert_steps < 0:
-            _fail("logging.dead_expert_steps", self.dead_expert_steps, "must be >= 0 (0: no alarm)")
+            fail("logging.dead_expert_steps", self.dead_expert_steps, "must be >= 0 (0: no alarm)")
         if self.max_drop_frac is not None and not 0 <= self.max_drop_frac < 1:
-            _fail("logging.max_drop_frac", self.max_drop_frac, "must be in [0, 1), or null (no alarm)")
+            fail("logging.max_drop_frac", self.max_drop_frac, "must be in [0, 1), or null (no alarm)")
         if self.peak_flops is not None and not self.peak_flops > 0:
-            _fail("logging.peak_flops", self.peak_flops, "must be > 0 FLOP/s (or null)")
+            fail("logging.peak_flops", self.peak_flops, "must be > 0 FLOP/s (or null)")
 
 
 @dataclass
@@ -438,13 +308,8 @@ class Config:
             if f.name != "deepspeed":
                 getattr(self, f.name).validate()
         if self.data.seq_len > self.model.max_seq_len:
-            _fail("data.seq_len", self.data.seq_len,
-                  f"must be <= model.max_seq_len ({self.model.max_seq_len})")
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        _fail(key, value, f"must be one of {', '.join(map(str, allowed))}")
+            fail("data.seq_len", self.data.seq_len,
+                 f"must be <= model.max_seq_len ({self.model.max_seq_len})")
 
 
 # --------------------------------------------------------------------------- loading
@@ -462,28 +327,28 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return _coerce(key, value, inner)
     if origin is list:
         if not isinstance(value, list):
-            _fail(key, value, "must be a list")
+            fail(key, value, "must be a list")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
-            _fail(key, value, "must be true or false")
+            fail(key, value, "must be true or false")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "must be an integer")
+            fail(key, value, "must be an integer")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
-                _fail(key, value, "must be a number")
+                fail(key, value, "must be a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "must be a number")
+            fail(key, value, "must be a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            _fail(key, value, "must be a string")
+            fail(key, value, "must be a string")
         return value
     raise AssertionError(f"unsupported config annotation {annotation!r} for {key}")
 
@@ -492,13 +357,13 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        _fail(name, raw, "must be a mapping of keys to values")
+        fail(name, raw, "must be a mapping of keys to values")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        _fail(f"{name}.{unknown[0]}", raw[unknown[0]],
-              f"unknown key; known keys of '{name}': {', '.join(sorted(known))}")
+        fail(f"{name}.{unknown[0]}", raw[unknown[0]],
+             f"unknown key; known keys of '{name}': {', '.join(sorted(known))}")
     kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -515,7 +380,7 @@ def config_from_dict(raw: dict) -> Config:
                          f"{', '.join(sections)}")
     passthrough = raw.get("deepspeed") or {}
     if not isinstance(passthrough, dict):
-        _fail("deepspeed", passthrough, "must be a mapping of DeepSpeed config keys")
+        fail("deepspeed", passthrough, "must be a mapping of DeepSpeed config keys")
     cfg = Config(**{name: _build_section(hints[name], name, raw.get(name))
                     for name in sections if name != "deepspeed"}, deepspeed=passthrough)
     cfg.validate()
@@ -621,10 +486,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
                      cfg.data.seq_len)
     want = cfg.train.global_batch_size
     if want is not None and want != plan.global_batch_size:
-        _fail("train.global_batch_size", want,
-              f"does not add up: data.micro_batch_size {plan.micro_batch_size} x "
-              f"train.grad_accum_steps {plan.grad_accum_steps} x world size {world_size} = "
-              f"{plan.global_batch_size}; change one of them (or set it to null)")
+        fail("train.global_batch_size", want,
+             f"does not add up: data.micro_batch_size {plan.micro_batch_size} x "
+             f"train.grad_accum_steps {plan.grad_accum_steps} x world size {world_size} = "
+             f"{plan.global_batch_size}; change one of them (or set it to null)")
     _derived_deepspeed_config(cfg, plan)  # a passthrough key contradicting ours fails here
     return plan
 
