@@ -88,7 +88,10 @@ def test_option_equals_reference_outputs_and_gradients(name, cf, policy):
     assert out.stats.num_dropped.item() == ref.num_dropped
     names = ["x"] + [n for n, _ in layer.named_parameters()]
     for pname, a, b in zip(names, fast_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad of {pname}: {m}")
+        # fp32 rounding of a sum grows with its terms: the atol scales with the gradient's
+        # size (up to ~16 here: 1e-6 alone failed one element of 512 at 1.2e-6 on AVX512).
+        atol = 1e-6 * max(1.0, float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"grad of {pname}: {m}")
         assert b.abs().sum() > 0, f"reference grad of {pname} is zero: the test would not see a bug"
     if layer.router.expert_bias is not None:  # the bias really changed the choice here
         unbiased = reference_moe_full(x.reshape(-1, D_MODEL), layer.router.w_DE,
