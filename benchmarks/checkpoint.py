@@ -6,7 +6,7 @@ after one real optimizer step (so every AdamW moment exists):
   engine     ``moe_train.checkpoint.save_checkpoint`` (model_dense.pt, experts_ep*.pt,
              rank*.pt with each rank's ZeRO partition and RNG) and the load a same-layout
              resume does (weights by global expert id, then each rank's optimizer file);
-  canonical  ``moe_train.canonical.save`` (DCP: masters, moments and steps by name, experts
+  canonical  ``moe_train.checkpoint.canonical.save`` (DCP: masters, moments and steps by name, experts
              [E, ...] written by their own ranks) and the load a resume on any layout does
              (DCP read at this layout, checked against the manifest, set through the
              accessors, weights refreshed from the masters).
@@ -123,14 +123,16 @@ def _one_step(engine, cfg) -> None:
 
 def measure(name: str, rank: int, root: Path, repeats: int) -> dict:
     """Both checkpoints of config ``name`` saved and loaded ``repeats`` times (collective)."""
-    from moe_train import canonical
-    from moe_train import checkpoint as ckpt
+    import moe_train.checkpoint as ckpt
+    import moe_train.checkpoint.canonical as canonical
+    from moe_train.checkpoint.engine_format import load_rank_state
+    from moe_train.checkpoint.optimizer_state import load_optimizer_state
     from moe_train.config import config_to_dict
-    from moe_train.engine import build_engine
+    from moe_train.model.build import build_model
     from moe_train.model.sizing import param_counts
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.topology import Topology
-    from moe_train.train import build_model
+    from moe_train.train.engine import build_engine
 
     cfg = bench_config(name)
     topo = Topology(WORLD, EP, cfg.moe.num_experts)
@@ -149,7 +151,7 @@ def measure(name: str, rank: int, root: Path, repeats: int) -> dict:
 
         def engine_load():
             ckpt.load_model_weights(path, engine.module, topo, rank)
-            ckpt.load_optimizer_state(engine.optimizer, ckpt.load_rank_state(path, rank)["optimizer"], WORLD)
+            load_optimizer_state(engine.optimizer, load_rank_state(path, rank)["optimizer"], WORLD)
 
         times["engine_load"].append(_timed(engine_load, WORLD))
         times["canonical_save"].append(_timed(lambda: canonical.save(path, groups=groups, config=raw, **kwargs),

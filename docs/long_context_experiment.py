@@ -53,7 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_train.demo import prepare_demo_data  # noqa: E402
+from benchmarks.experiments import prepare_demo_data  # noqa: E402
 
 SCALINGS = ("none", "linear", "ntk", "yarn")
 FINETUNES = ("none", "linear", "yarn")
@@ -107,7 +107,7 @@ def evaluate(checkpoint: Path, manifest: Path, seq_len: int, scaling: str = "non
     import torch.nn.functional as F
 
     from moe_train.data import DataConfig, build_val_loader
-    from moe_train.generate import load_for_inference
+    from moe_train.inference import load_for_inference
     from moe_train.model.transformer import MoETransformer
 
     loaded = load_for_inference(checkpoint, dropless=True)
@@ -146,7 +146,7 @@ def weights_checkpoint(source: Path, root: Path, sets: list[str]) -> Path:
 
     from moe_train.checkpoint import TrainState, save_model_checkpoint
     from moe_train.config import config_to_dict, load_config
-    from moe_train.generate import load_for_inference
+    from moe_train.inference import load_for_inference
 
     loaded = load_for_inference(source)
     cfg = load_config(REPO / "configs" / "tiny_switch.yaml", sets)

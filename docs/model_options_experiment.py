@@ -9,7 +9,7 @@ blocks 1 and 3, top-1, capacity factor 1.25 train / 2.0 eval, 2 ranks, ep 2, ZeR
 Data: Project Gutenberg Shakespeare (``--corpus synthetic`` for the offline corpus),
 sentencepiece 2048, 128-token samples, 2% held out, made exactly as demo.sh makes them
 (once, under --data). Every run trains the same number of steps with the same seed and
-data order through the real train command (``python -m moe_train.launch``), with the
+data order through the real train command (``moe-train launch``), with the
 LR warm-up at steps/6 (the README run's 100 of 600), and is evaluated at its last step
 on the whole held-out split. Runs (only the listed keys differ from the config):
 
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
+from benchmarks.experiments import prepare_demo_data, run_command as run  # noqa: E402
 CONFIG = "configs/tiny_switch.yaml"
 RUNS = {
     "baseline": [],
@@ -60,7 +60,7 @@ def train(name: str, manifest: Path, runs: Path, steps: int, launcher: str) -> N
     args = ["--config", CONFIG, "--resume", "none"]
     for s in overrides(name, manifest, runs, steps):
         args += ["--set", s]
-    run([sys.executable, "-m", "moe_train.launch", "--launcher", launcher, "--nproc", "2", "--", *args])
+    run([sys.executable, "-m", "moe_train", "launch", "--launcher", launcher, "--nproc", "2", "--", *args])
 
 
 def count_params(name: str, manifest: Path, runs: Path, steps: int) -> int:

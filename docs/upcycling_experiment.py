@@ -22,7 +22,7 @@ exactly as launchers/demo.sh does (built under --data when absent).
      step 0 again over M steps, the data continuing where the dense run stopped, so both
      arms see the same batches in the same order), evaluated every --eval-every steps on
      the whole held-out split (eval/loss of the TensorBoard events). Step 0 of each arm:
-     the held-out loss of its starting checkpoint in one process (moe_train.demo.heldout_loss).
+     the held-out loss of its starting checkpoint in one process (moe_train.inference.heldout_loss).
 
 Both arms get the same treatment after the split (fresh optimizer, re-warm), so the
 difference between them is the upcycling alone. "Equal steps" is not equal compute: the
@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_train.demo import prepare_demo_data, run_command as run  # noqa: E402
+from benchmarks.experiments import prepare_demo_data, run_command as run  # noqa: E402
 UPCYCLE = ["model.moe_every=2", "moe.num_experts=8", "moe.top_k=2", "moe.normalize_topk=true",
            "moe.capacity_factor=null", "moe.eval_capacity_factor=null"]
 
@@ -54,7 +54,7 @@ def train(config: Path, sets: list[str], launcher: str, resume: str = "auto") ->
     args = ["--config", str(config), "--resume", resume]
     for s in sets:
         args += ["--set", s]
-    run([sys.executable, "-m", "moe_train.launch", "--launcher", launcher, "--nproc", "2", "--", *args])
+    run([sys.executable, "-m", "moe_train", "launch", "--launcher", launcher, "--nproc", "2", "--", *args])
 
 
 def arm_settings(work: Path, name: str, steps: int, eval_every: int) -> list[str]:
@@ -67,8 +67,8 @@ def dense_arm(dense_ckpt: Path, out: Path, sets: list[str]) -> Path:
     position carried, the way ``upcycle`` writes the other arm; returns its config."""
     from moe_train.checkpoint import TrainState, save_model_checkpoint
     from moe_train.config import config_to_dict, dump_config
-    from moe_train.generate import load_for_inference
-    from moe_train.upcycle import upcycled_config
+    from moe_train.inference import load_for_inference
+    from moe_train.transform.upcycle import upcycled_config
 
     loaded = load_for_inference(dense_ckpt)
     cfg = upcycled_config(loaded.meta["config"], sets, out)
@@ -81,8 +81,8 @@ def dense_arm(dense_ckpt: Path, out: Path, sets: list[str]) -> Path:
 
 
 def start_loss(ckpt_dir: Path) -> float:
-    from moe_train.demo import heldout_loss
-    from moe_train.generate import load_for_inference
+    from moe_train.inference import heldout_loss
+    from moe_train.inference import load_for_inference
 
     return heldout_loss(load_for_inference(ckpt_dir))[0]
 

@@ -6,7 +6,7 @@
 # ranks with expert parallelism 2 and DeepSpeed ZeRO-2 (gloo on CPU, NCCL on GPUs)
 # through `moe_train train`, with evaluation, checkpoints and TensorBoard events; at the
 # end it prints the held-out loss and perplexity, a few sampled lines and the command
-# that opens TensorBoard (`python -m moe_train.demo report`).
+# that opens TensorBoard (`moe-train eval`).
 #
 # Demo flags (anything else goes to the trainer, e.g. `--resume none`, `--set a.b=c`):
 #   --steps N          shorthand for --set train.max_steps=N (default 600: a few minutes)
@@ -81,9 +81,9 @@ for a in "${extra[@]}"; do  # the report reads the run's own folders (the last -
   prev="$a"
 done
 
-# moe_train.launch prints the launcher's exact command and forwards SIGTERM/SIGINT to the
+# `moe-train launch` prints the launcher's exact command and forwards SIGTERM/SIGINT to the
 # trainers as a checkpoint-and-stop request; this shell passes its own signals on to it.
-python -m moe_train.launch --launcher "${LAUNCHER:-deepspeed}" --nproc "$nproc" -- "${args[@]}" &
+python -m moe_train launch --launcher "${LAUNCHER:-deepspeed}" --nproc "$nproc" -- "${args[@]}" &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null || true' TERM
 trap 'kill -INT "$child" 2>/dev/null || true' INT
@@ -95,4 +95,4 @@ while kill -0 "$child" 2>/dev/null; do  # a trapped signal ended `wait` early: k
 done
 trap - TERM INT
 [ "$rc" -eq 0 ] || exit "$rc"  # 85: stopped on a signal with a checkpoint (re-run resumes)
-run python -m moe_train.demo report --checkpoint "$ckpt_dir" --logdir "$log_dir" "${prompts[@]}"
+run python -m moe_train eval --checkpoint "$ckpt_dir" --logdir "$log_dir" "${prompts[@]}"

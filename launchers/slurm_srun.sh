@@ -19,7 +19,7 @@
 #     AS SIGUSR1; srun relays SIGUSR1 to every task. (Never SIGTERM to srun: srun answers
 #     SIGTERM by cancelling its step, and the tasks are killed without a grace period.)
 #     The trainer stops at the next step boundary, every rank writes one checkpoint and
-#     exits 85 (moe_train.control.EXIT_REQUEUE). Then, in a batch job that is still
+#     exits 85 (moe_train.train.control.EXIT_REQUEUE). Then, in a batch job that is still
 #     running, this script runs `scontrol requeue $SLURM_JOB_ID` and exits 0; the requeued
 #     job resumes from that checkpoint (`--resume auto`, the trainer's default). A job that
 #     Slurm is ending (plain `scancel`: SIGTERM to every task, KillWait to finish; or

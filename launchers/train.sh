@@ -12,4 +12,4 @@ if [ -z "${NPROC:-}" ]; then
   [ "${NPROC:-0}" -gt 0 ] || NPROC=2
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python -m moe_train.launch --launcher "${LAUNCHER:-deepspeed}" --nproc "$NPROC" -- "$@"
+exec python -m moe_train launch --launcher "${LAUNCHER:-deepspeed}" --nproc "$NPROC" -- "$@"

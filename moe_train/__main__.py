@@ -2,9 +2,9 @@
 
 import sys
 
-from moe_train import control
+from moe_train.train.control import install_early
 
-control.install_early(sys.argv[1:])  # before importing torch: a stop signal is never lost
+install_early(sys.argv[1:])  # before importing torch: a stop signal is never lost
 
 from moe_train.cli import main  # noqa: E402
 

@@ -75,17 +75,16 @@ class GlobalBatchLoader:
 
 def _worker(rank, world, raw_cfg, resume, synthetic, fault, keep_state):
     from moe_train.train import train
+    from moe_train.train.faults import Faults
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    if fault:
-        os.environ["MOE_TRAIN_FAULT"] = fault
     cfg = config_from_dict(raw_cfg)
     loaders = None
     if synthetic:
         def loaders(r, w):
             return (GlobalBatchLoader(r, w, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
                                       cfg.data.seq_len, cfg.model.vocab_size), None)
-    result = train(cfg, resume=resume, loaders=loaders, keep_state=keep_state)
+    result = train(cfg, resume=resume, loaders=loaders, keep_state=keep_state, faults=Faults(fault))
     result.state = result.state if keep_state else None
     return result
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine_harness import make_cfg, run_train
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,14 +114,16 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     topo = Topology(1, 1, 1)
     kwargs = dict(model=model, optimizer=opt, topo=topo, rank=0, config={}, keep_last=2)
     ckpt.save_checkpoint(tmp_path, state=ckpt.TrainState(step=1), **kwargs)
-    real_write = ckpt._write
+    import moe_train.checkpoint.manifest as manifest
+
+    real_write = manifest.write_torch  # what every checkpoint file goes through
 
     def full_disk(path, obj):
         if path.name.startswith("rank"):
             raise OSError(28, "No space left on device")
         real_write(path, obj)
 
-    monkeypatch.setattr(ckpt, "_write", full_disk)
+    monkeypatch.setattr(manifest, "write_torch", full_disk)
     with pytest.raises(ckpt.CheckpointError, match=r"step 2 failed: rank 0: .*No space left.*"
                                                    r"previous checkpoint \(step_00000001\) is intact"):
         ckpt.save_checkpoint(tmp_path, state=ckpt.TrainState(step=2), **kwargs)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from engine_harness import make_cfg, run_train
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.cli import main
-from moe_train.compress.prune import experts_to_keep, kept_experts, magnitude_prune
-from moe_train.compress.quantize import Int8GroupedExperts, Int8Linear, dequantize_int8, quantize_int8
-from moe_train.compress.report import model_bytes
+from moe_train.transform.prune import experts_to_keep, kept_experts, magnitude_prune
+from moe_train.inference.int8 import Int8GroupedExperts, Int8Linear, dequantize_int8, quantize_int8
+from moe_train.transform.report import model_bytes
 from moe_train.config import config_to_dict, load_config
 from moe_train.data.synthetic import write_synthetic_dataset
-from moe_train.generate import load_for_inference, sample_tokens
+from moe_train.inference import load_for_inference, sample_tokens
 from moe_train.model.transformer import MoETransformer
 
 # Block 0 dense, blocks 1-2 MoE (6 experts, top-2, renormalised gates, a selection bias,
@@ -187,7 +187,7 @@ def test_quantized_checkpoint_evaluates_generates_and_is_smaller(source, tmp_pat
 def test_dynamic_quantization_of_a_pruned_checkpoint(pruned, source, tmp_path):
     import torch.ao.nn.quantized.dynamic as nnqd
 
-    from moe_train.compress.quantize import quantize_checkpoint
+    from moe_train.transform.quantize import quantize_checkpoint
 
     _, _, model, _ = source
     result = quantize_checkpoint(pruned, tmp_path / "qd", dynamic=True, eval_batches=1, log=lambda line: None)
@@ -203,7 +203,7 @@ def test_dynamic_quantization_of_a_pruned_checkpoint(pruned, source, tmp_path):
 def test_shared_layers_untied_factorised_head_prune_and_quantize(source, tmp_path):
     """share_layers all (one MoE layer used by blocks 1 and 2: its load sums both uses), an
     untied head and factorised embeddings: pruned once, quantized once, still shared."""
-    from moe_train.compress import prune_checkpoint, quantize_checkpoint
+    from moe_train.transform import prune_checkpoint, quantize_checkpoint
 
     root, cfg, _, _ = source
     shared = make_cfg(tmp_path, data={"manifest": cfg.data.manifest},

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from engine_harness import make_cfg, run_train
-from moe_train import determinism
+from moe_train.train import determinism
 
 
 def test_two_runs_are_bit_identical(tmp_path):

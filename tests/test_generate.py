@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_train import manifest
-
+import moe_train.checkpoint.manifest as manifest
 from moe_train.checkpoint import TrainState, save_checkpoint
 from moe_train.config import config_to_dict, load_config
 from moe_train.data.tokenizer import Tokenizer, train_tokenizer
-from moe_train.generate import (decode_with_breaks, filter_top_p, generate_text, load_for_inference,
-                                sample_tokens, unescape)
+from moe_train.inference.generate import decode_with_breaks, filter_top_p, generate_text, sample_tokens, unescape
+from moe_train.inference.load import load_for_inference
 from moe_train.model.transformer import MoETransformer
 from moe_train.parallel.topology import Topology
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
+from moe_train.checkpoint.resume import same_layout
 from moe_train.config import Config, config_to_dict
 from moe_train.model.transformer import MoETransformer
 from moe_train.parallel.topology import Topology
@@ -123,4 +124,4 @@ def test_weights_only_checkpoint_loads_at_another_ep(tmp_path):
     ckpt.load_model_weights(path, fresh, Topology(1, 1, 4), 0)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
-    assert not ckpt.same_layout(meta, Topology(1, 1, 4), config_to_dict(cfg))
+    assert not same_layout(meta, Topology(1, 1, 4), config_to_dict(cfg))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from moe_train.metrics import (MetricsWriter, StepTimer, format_console_line, format_eta,
+from moe_train.train.metrics import (MetricsWriter, StepTimer, format_console_line, format_eta,
                                measure_peak_flops, memory_tag, moe_metrics,
                                peak_memory_bytes, reduce_mean, table_peak_flops)
 from moe_train.moe.stats import MoEStats
@@ -152,7 +152,7 @@ def test_eta_format():
 
 def test_step_timer_window(monkeypatch):
     clock = iter([100.0, 100.5, 101.5, 110.0, 110.25])
-    monkeypatch.setattr("moe_train.metrics.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("moe_train.train.metrics.console.time.perf_counter", lambda: next(clock))
     timer = StepTimer()                      # t = 100
     assert timer.tick(1000) == 0.5           # t = 100.5
     timer.tick(1000)                         # t = 101.5: window 1.5 s, 2 steps

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dist_utils import free_port
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.config import dump_config
 from moe_train.data.synthetic import write_synthetic_dataset
 from engine_harness import make_cfg

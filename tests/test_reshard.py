@@ -21,8 +21,9 @@ import torch
 
 from dist_utils import run_ranks
 from engine_harness import GlobalBatchLoader, make_cfg
-from moe_train import canonical, reshard
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint.canonical as canonical
+import moe_train.checkpoint.resume as resume_choice
+import moe_train.checkpoint as ckpt
 from moe_train.config import config_from_dict, config_to_dict
 from moe_train.data.synthetic import sample_id, write_synthetic_dataset
 
@@ -74,10 +75,10 @@ def _train_worker(rank, world, raw_cfg, resume):
 def _engine_from_canonical(cfg, src, rank, world):
     """Model, engine and the canonical state of ``src`` loaded at this layout (the
     library calls ``train`` makes, without the loop)."""
-    from moe_train.engine import build_engine
+    from moe_train.train.engine import build_engine
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.topology import Topology
-    from moe_train.train import build_model
+    from moe_train.model.build import build_model
 
     groups = build_groups(Topology(world, cfg.parallel.expert_parallel_size, cfg.moe.num_experts), rank)
     model = build_model(cfg, groups, torch.device("cpu"))
@@ -93,7 +94,7 @@ def _one_engine_step(engine, cfg):
     used, by name; the learning rate)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from moe_train.engine import set_lr
+    from moe_train.train.engine import set_lr
     from moe_train.moe.losses import total_loss
 
     tokens = GlobalBatchLoader(0, 1, 8, 1, cfg.data.seq_len, cfg.model.vocab_size, seed=5)._global_batch(0)
@@ -219,7 +220,7 @@ def test_plain_adamw_from_the_canonical_state_steps_to_the_engine_masters(straig
     """torch.optim.AdamW with the canonical masters, moments and step, the engine's
     weight-decay groups and the gradients the engine used: one step gives, bitwise, the
     masters the engine (ZeRO 2, flat partitions) wrote after its step."""
-    from moe_train.engine import optimizer_param_groups
+    from moe_train.train.engine import optimizer_param_groups
     from moe_train.model.transformer import MoETransformer
 
     written, out = _resumed(straight, (1, 1, 2))
@@ -360,9 +361,9 @@ def test_engine_only_checkpoint_on_another_layout_is_refused_naming_the_conversi
     with pytest.raises(ckpt.CheckpointError, match=r"saved at world 1, ep 1, ZeRO 1, fp32 and has no canonical "
                                                    r"checkpoint; this run is world 2, ep 2.*moe-train ckpt canonical "
                                                    r".*step_00000004.*fresh_optimizer_on_new_layout=true"):
-        reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
+        resume_choice.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw)
     raw["checkpoint"]["fresh_optimizer_on_new_layout"] = True
-    assert reshard.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
+    assert resume_choice.choose_resume(tmp_path / "ckpt", "auto", Topology(2, 2, 4), raw).kind == "fresh_optimizer"
 
 
 # ------------------------------------------- one process: manifest, corruption, pruning
@@ -462,6 +463,6 @@ def test_half_written_canonical_is_never_used_and_pruning_keeps_the_newest_canon
     (root / "step_00000003" / ".tmp_canonical" / "__0_0.distcp").write_bytes(b"partial")
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000003 was saved at .* no canonical checkpoint.*"
                                                    r"or resume from the older .*step_00000001/canonical"):
-        reshard.choose_resume(root, "auto", Topology(2, 2, 4), raw)
-    source = reshard.choose_resume(root, str(path), Topology(2, 2, 4), raw)
+        resume_choice.choose_resume(root, "auto", Topology(2, 2, 4), raw)
+    source = resume_choice.choose_resume(root, str(path), Topology(2, 2, 4), raw)
     assert source.kind == "canonical" and source.path == path

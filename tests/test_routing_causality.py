@@ -9,7 +9,7 @@ choice-major order puts a later token's first choice before an earlier token's s
 import pytest
 import torch
 
-from moe_train.cli import _causality
+from moe_train.commands.check import _causality
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.transformer import MoETransformer
 

@@ -14,17 +14,18 @@ import torch
 
 from dist_utils import run_ranks
 from engine_harness import GlobalBatchLoader, make_cfg
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.config import config_from_dict, config_to_dict
 
 BIAS = "blocks.1.mlp.router.expert_bias"
 
 
 def _worker(rank, world, raw_cfg, resume, fault):
-    import moe_train.train as loop
+    import moe_train.train.loop as loop
+
+    from moe_train.train.faults import Faults
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ["MOE_TRAIN_FAULT"] = fault
     cfg = config_from_dict(raw_cfg)
     records, real = {}, loop.update_selection_biases
 
@@ -41,7 +42,7 @@ def _worker(rank, world, raw_cfg, resume, fault):
         return GlobalBatchLoader(r, w, cfg.data.micro_batch_size, cfg.train.grad_accum_steps,
                                  cfg.data.seq_len, cfg.model.vocab_size), None
     try:
-        result = loop.train(cfg, resume=resume, loaders=loaders, keep_state=True)
+        result = loop.train(cfg, resume=resume, loaders=loaders, keep_state=True, faults=Faults(fault))
     except RuntimeError as err:
         return {"error": str(err), "records": records}
     return {"result": result, "records": records}

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from engine_harness import make_cfg, run_train
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.metrics import RoutingMonitor
+from moe_train.train.metrics import RoutingMonitor
 from moe_train.model.sizing import forward_flops_per_token, layer_owners, param_counts
 from moe_train.model.transformer import MoETransformer
 from moe_train.moe.balance import moe_layers, update_selection_biases

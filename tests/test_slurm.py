@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.data.synthetic import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]

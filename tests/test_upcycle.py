@@ -1,4 +1,4 @@
-"""Sparse upcycling (moe_train/upcycle.py; MOE_REFERENCE.md "Upcycling", parity invariant
+"""Sparse upcycling (moe_train/transform/upcycle.py; MOE_REFERENCE.md "Upcycling", parity invariant
 8): in exact mode the upcycled logits equal the dense logits at step 0 (fp32, 1e-5) at
 ep 1 and ep 2, the router's LM-loss gradient at step 0 is zero, and the checkpoint
 resumes through ``train`` with a fresh optimizer and the dense run's data position."""
@@ -13,11 +13,11 @@ import torch.distributed as dist
 
 from dist_utils import run_ranks
 from engine_harness import GlobalBatchLoader, make_cfg, run_train
-from moe_train import checkpoint as ckpt
+import moe_train.checkpoint as ckpt
 from moe_train.config import config_to_dict, load_config
-from moe_train.generate import load_for_inference
+from moe_train.inference import load_for_inference
 from moe_train.model.transformer import MoETransformer
-from moe_train.upcycle import upcycle_checkpoint
+from moe_train.transform.upcycle import upcycle_checkpoint
 
 EXACT = ["moe.normalize_topk=true", "moe.capacity_factor=null", "moe.eval_capacity_factor=null"]
 

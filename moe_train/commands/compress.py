@@ -1,5 +1,5 @@
 """``moe-train prune`` and ``moe-train quantize``: shrink a trained checkpoint into a new
-one (``moe_train/compress``), printing weights, bytes on disk and validation loss before
+one (``moe_train.transform``), printing weights, bytes on disk and validation loss before
 and after."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from moe_train.compress.prune import prune_checkpoint
+    from moe_train.transform.prune import prune_checkpoint
 
     if args.eval_batches < 0:
         raise ValueError(f"--eval-batches {args.eval_batches}: must be >= 0")
@@ -30,7 +30,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from moe_train.compress.quantize import quantize_checkpoint
+    from moe_train.transform.quantize import quantize_checkpoint
 
     if args.eval_batches < 0:
         raise ValueError(f"--eval-batches {args.eval_batches}: must be >= 0")

@@ -1,4 +1,4 @@
-"""``moe-train upcycle``: a dense checkpoint becomes a MoE one (moe_train/upcycle.py).
+"""``moe-train upcycle``: a dense checkpoint becomes a MoE one (``moe_train.transform.upcycle``).
 
     moe-train upcycle --checkpoint runs/dense/checkpoints --out runs/upcycled \\
         --set model.moe_every=2 --set moe.num_experts=8 --set moe.top_k=2 \\
@@ -12,7 +12,7 @@ import argparse
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
-    from moe_train.upcycle import upcycle_checkpoint
+    from moe_train.transform.upcycle import upcycle_checkpoint
 
     report = upcycle_checkpoint(args.checkpoint, args.out, args.overrides, allow_inexact=args.allow_inexact)
     print("\n".join(report.lines()))

@@ -45,7 +45,7 @@ from typing import Iterator, Optional
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
-from moe_train.data import plan
+import moe_train.data.plan as plan
 from moe_train.data.config import DataConfig
 from moe_train.data.reader import BlockDataset, SourceInfo, WorkerSpec, make_batch
 from moe_train.data.shards import check_url, load_manifest

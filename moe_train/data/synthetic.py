@@ -1,10 +1,15 @@
-"""Synthetic shard sets for tests and benchmarks (no tokenizer needed).
+"""Synthetic data: shard sets for tests and benchmarks (no tokenizer needed), and the
+demo's offline text corpus (``write_demo_corpus``).
 
 Sample with global id g holds tokens [g % 65536, g // 65536, then (g * 7 + t) % (V - 1) + 1]:
 the first two input ids identify the sample, so tests can check exactly which samples a
 rank saw. Written with the real ShardWriter and manifest, so the loader cannot tell.
 """
 from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +53,31 @@ def write_synthetic_dataset(out_dir: str, counts: list[int], seq_len: int,
                 "command": "synthetic", "skipped_input_lines": 0, "splits": splits}
     write_manifest(out_dir, manifest)
     return manifest
+
+
+_WORDS = ("the expert router sends each token to a small network that learns one kind of "
+          "pattern while a shared attention layer mixes context across the whole sequence "
+          "capacity limits how many tokens an expert may take and the balancing loss keeps "
+          "the load even so that no expert sits idle during training on many machines").split()
+
+
+def write_demo_corpus(path: str, num_docs: int = 4000, seed: int = 0) -> int:
+    """Writes a synthetic JSONL corpus ({"text": ...} per line) with learnable structure:
+    sentences drawn from a small Markov chain over ``_WORDS``. Returns the doc count.
+    ``data_tools/prepare_corpus.py synthetic`` (the demo's offline corpus) calls it."""
+    rng = random.Random(seed)
+    successors = {w: rng.sample(_WORDS, 4) for w in _WORDS}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for _ in range(num_docs):
+            sentences = []
+            for _ in range(rng.randint(2, 6)):
+                word = rng.choice(_WORDS)
+                words = [word]
+                for _ in range(rng.randint(5, 14)):
+                    word = rng.choice(successors[word])
+                    words.append(word)
+                sentences.append(" ".join(words).capitalize() + ".")
+            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return num_docs

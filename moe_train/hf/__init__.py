@@ -19,6 +19,10 @@ SentencePiece model, checked to encode like it): ``tokenizer.py``. The commands:
 Only safetensors is written and read (never a pickle). ``transformers`` is needed for
 the tokenizer files only (``pip install moe_train[hf]``); the import needs
 ``safetensors`` alone.
+
+May import: ``inference`` (export's check loads the checkpoint as ``generate`` does),
+``checkpoint``, ``config``, ``model``, ``moe``, ``parallel``; never ``transform`` or
+``commands``.
 """
 
 from moe_train.hf.mapping import ARCHS  # noqa: F401

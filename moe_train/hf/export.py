@@ -30,10 +30,14 @@ from typing import Optional
 
 import torch
 
-from moe_train.checkpoint import CheckpointError, list_checkpoints, read_meta, verify_checkpoint
+from moe_train.checkpoint.state import CheckpointError, list_checkpoints, read_meta
+from moe_train.checkpoint.verify import verify_checkpoint
 from moe_train.config import Config, config_from_dict
 from moe_train.hf.mapping import NAMES, ExportPlan, hf_config, plan_export
 from moe_train.hf.weights import model_mismatch, to_hf
+from moe_train.inference.generate import sample_tokens
+from moe_train.inference.load import load_for_inference, tokenizer_path
+from moe_train.model.transformer import MoETransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,7 +135,6 @@ def read_tensors(path: Path) -> tuple[dict, Config, dict]:
 
 def _check_names(sd: dict, cfg: Config, path: Path) -> None:
     """Names and shapes against the model the config describes (meta device: no memory)."""
-    from moe_train.model.transformer import MoETransformer
 
     with torch.device("meta"):
         problem = model_mismatch(sd, MoETransformer(cfg.model, cfg.moe))
@@ -153,7 +156,6 @@ def _tokenizer_source(cfg: Config, path: Path, tokenizer: Optional[str]) -> tupl
     """(SentencePiece .model path, add_bos): --tokenizer, else the one the training data
     manifest names, else a ``tokenizer.model`` beside the checkpoint (``moe-train import``
     copies one there)."""
-    from moe_train.generate import tokenizer_path
 
     add_bos = False
     manifest = cfg.data.manifest
@@ -227,7 +229,6 @@ def check_export(checkpoint: Path, out: Path, seq_len: int = 32, batch: int = 2,
     uses its KV cache)."""
     from transformers import AutoModelForCausalLM
 
-    from moe_train.generate import load_for_inference, sample_tokens
 
     ours = load_for_inference(checkpoint).model.float()
     theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

@@ -37,10 +37,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from moe_train.checkpoint.state import TrainState
+from moe_train.checkpoint.weights import save_weights_checkpoint
 from moe_train.config import (Config, ModelConfig, apply_overrides, config_from_dict, config_to_dict, dump_config,
                               parse_override)
 from moe_train.hf.mapping import NAMES, config_from_hf
 from moe_train.hf.weights import from_hf, model_mismatch, shared_kind
+from moe_train.model.transformer import MoETransformer
+from moe_train.parallel.grads import is_expert_param
 
 
 @dataclass
@@ -131,8 +135,6 @@ def imported_config(base: str | None, overrides: list[str], model: dict, moe: di
 def _split(sd: dict, cfg: Config, where: str) -> tuple[dict, dict]:
     """(dense, experts) by the model's own marking, after checking every name and shape
     against the model the config describes (built on the meta device)."""
-    from moe_train.model.transformer import MoETransformer
-    from moe_train.parallel.grads import is_expert_param
 
     with torch.device("meta"):
         model = MoETransformer(cfg.model, cfg.moe)
@@ -157,7 +159,6 @@ def import_hf(source: str | Path, out: str | Path, base_config: str | None = Non
         ValueError: a config value or tensor with no exact counterpart, a pickle-only
             directory, ``out`` not empty.
     """
-    from moe_train.checkpoint import TrainState, save_weights_checkpoint
 
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):

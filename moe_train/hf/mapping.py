@@ -38,7 +38,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from moe_train.config import ModelConfig, MoEConfig
+from moe_train.model.config import ModelConfig
+from moe_train.moe.config import MoEConfig
 
 ARCHS = ("qwen3_moe", "mixtral", "qwen2_moe")
 HF_CLASSES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",

@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from moe_train.config import ModelConfig, MoEConfig
 from moe_train.hf.mapping import ExportPlan, shared_width
+from moe_train.model.config import ModelConfig
+from moe_train.moe.config import MoEConfig
 
 EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")

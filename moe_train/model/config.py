@@ -1,6 +1,6 @@
 """``model:`` section of the training config: the transformer around the MoE layers and
 its options (norms, positions, attention patterns, ALBERT's factorised embeddings and
-layer sharing). Re-exported by ``moe_train.config``; plain types only, so YAML stores it
+layer sharing). Composed into the root ``moe_train.config.Config``; plain types only, so YAML stores it
 and ``--set model.x=y`` works."""
 
 from __future__ import annotations

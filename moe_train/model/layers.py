@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_train.config import ModelConfig
 from moe_train.model.attention import AttentionPattern, alibi_slopes, attend, resolve_impl
+from moe_train.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

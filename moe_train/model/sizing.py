@@ -18,8 +18,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from moe_train.config import DTYPES, ModelConfig, MoEConfig
 from moe_train.model.attention import AttentionPattern
+from moe_train.model.config import ModelConfig
+from moe_train.moe.config import MoEConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -288,8 +289,8 @@ def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: i
     With activation checkpointing: L * D * b (each block's input) + the largest block
     (recomputed one at a time in backward) + the head.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype = {dtype!r}: must be one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype = {dtype!r}: must be one of {', '.join(DTYPE_BYTES)}")
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage = {zero_stage}: must be 0, 1 or 2")
     if ep_size < 1 or world_size % ep_size or moe_cfg.num_experts % ep_size:

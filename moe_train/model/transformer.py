@@ -43,9 +43,10 @@ from torch import Tensor, nn
 
 from torch.utils.checkpoint import checkpoint
 
-from moe_train.config import ModelConfig, MoEConfig
+from moe_train.model.config import ModelConfig
 from moe_train.model.layers import Attention, DenseMLP, make_norm, rope_tables
 from moe_train.model.sizing import embed_width, factorised, layer_owners
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.layer import MoELayer, MoEOutput
 from moe_train.moe.stats import MoEStats
 

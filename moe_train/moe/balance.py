@@ -68,7 +68,7 @@ class RoutingTally:
     """What one MoE layer routed on THIS rank: the current step's training micro-batches,
     the last finished step, and the streaks and window the routing-health monitor reads.
     Plain tensors on the counts' device, no collective: reductions happen in
-    ``update_selection_biases`` (bias on) and on log steps (``moe_train.metrics``).
+    ``update_selection_biases`` (bias on) and on log steps (``moe_train.train.metrics``).
 
     Attributes:
         routed_E: int64 [E] assignments per expert before dropping, this step so far.

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from moe_train.config import ACTIVATIONS, EXPERT_IMPLS as IMPLS
+from moe_train.moe.config import ACTIVATIONS, EXPERT_IMPLS as IMPLS
 
 
 def expert_seed(base_seed: int, global_expert_id: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.dispatcher import Dispatcher
 from moe_train.moe.experts import GroupedExperts
 from moe_train.moe.balance import RoutingTally

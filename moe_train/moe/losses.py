@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 
 
 def moe_aux_total(layer_losses: Iterable[tuple[Tensor, Tensor]], cfg: MoEConfig,

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 
 
 def reference_moe(x_TD: Tensor, w_DE: Tensor, expert_fn: Callable[[int, Tensor], Tensor],

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 
 
 @dataclass

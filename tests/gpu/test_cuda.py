@@ -49,11 +49,14 @@ def engine_step_worker(device: str = "auto", steps: int = 2) -> dict:
     import torch.distributed as dist
 
     from moe_train.config import load_config
-    from moe_train.engine import build_engine
+    from moe_train.train.engine import build_engine
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.init import init_distributed
     from moe_train.parallel.topology import Topology
-    from moe_train.train import StopRequest, build_model, seed_everything, train_step
+    from moe_train.model.build import build_model
+    from moe_train.train.control import StopRequest
+    from moe_train.train.loop import seed_everything
+    from moe_train.train.step import train_step
 
     env, dev = init_distributed(device, "auto", 120, always_group=True)
     try:

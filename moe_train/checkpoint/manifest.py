@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from moe_train.checkpoint.state import CheckpointError, write_torch
+
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 24
 
@@ -74,6 +76,13 @@ def file_entry(path: Path, obj: Any) -> dict:
             "tensors": {name: tensor_record(t) for name, t in flatten_tensors(obj).items()}}
 
 
+def write_listed(directory: Path, name: str, obj: Any) -> dict[str, dict]:
+    """Writes ``obj`` to ``directory/name``; returns its manifest entry."""
+    path = directory / name
+    write_torch(path, obj)
+    return {name: file_entry(path, obj)}
+
+
 def build_manifest(files: dict[str, dict]) -> dict:
     return {"format": MANIFEST_FORMAT, "files": dict(sorted(files.items()))}
 
@@ -103,8 +112,6 @@ def check_loaded(manifest: Optional[dict], file_name: str, obj: Any, where: str)
     """Raises ``CheckpointError`` naming the first problem when ``obj`` (the object read
     from ``file_name``) differs from the manifest. Without a manifest (a checkpoint from
     before manifests) nothing is checked."""
-    from moe_train.checkpoint import CheckpointError
-
     if manifest is None:
         return
     entry = manifest["files"].get(file_name)

@@ -1,6 +1,7 @@
-"""Local launch with signals that reach the trainers: ``launchers/train.sh`` runs this.
+"""Local launch with signals that reach the trainers: ``moe-train launch`` (which
+``launchers/train.sh`` and ``launchers/demo.sh`` run).
 
-    python -m moe_train.launch --launcher deepspeed|torchrun|mpirun --nproc 2 -- \\
+    moe-train launch --launcher deepspeed|torchrun|mpirun --nproc 2 -- \\
         --config configs/tiny_moe.yaml --set a.b=c
 
 builds the launcher's command line for ``moe_train train``, prints it, and runs it in its
@@ -9,14 +10,13 @@ workers 30 s after forwarding it, the deepspeed launcher terminates the whole tr
 once, mpirun turns it into a kill. So this wrapper catches SIGTERM, SIGINT and SIGUSR1
 itself and sends SIGUSR1 to the trainer processes only (the top-most descendants that
 carry a rank in their environment; not the launchers, not DataLoader workers), which
-makes them stop at the next step and write a checkpoint (``moe_train.control``), and then
+makes them stop at the next step and write a checkpoint (``moe_train.train.control``), and then
 waits up to ``--grace-s`` for the launcher to exit before ending it. Exit code: the
 launcher's. (srun forwards signals to its tasks itself: ``launchers/slurm_srun.sh``.)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import signal
@@ -106,20 +106,3 @@ def run(cmd: list[str], grace_s: float) -> int:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     return proc.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_train.launch", description=__doc__.split("\n")[0])
-    parser.add_argument("--launcher", default="deepspeed", choices=("deepspeed", "torchrun", "mpirun"))
-    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine")
-    parser.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
-    parser.add_argument("--grace-s", type=float, default=float(os.environ.get("MOE_TRAIN_GRACE_S", 600)),
-                        help="after a stop signal, how long the trainers get to checkpoint and exit")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of `moe_train train`")
-    args = parser.parse_args(argv)
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    return run(build_command(args.launcher, args.nproc, train_args, args.master_port), args.grace_s)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Post-training weight-only int8 quantization (``moe-train quantize``).
+"""The int8 model format: post-training weight-only int8 (made by ``moe-train quantize``,
+``moe_train.transform.quantize``; loaded by ``load.load_for_inference``).
 
 Shape legend: O output channels, I input width; E experts, D model width, F expert (or
 shared-expert) hidden width.
@@ -35,9 +36,9 @@ deprecated in favour of torchao (not a dependency here); the experts stay weight
 either way (no dynamic kernel takes stacked expert weights).
 
 A quantized checkpoint is for inference: ``generate`` and evaluation load it
-(``moe_train.generate.load_for_inference`` rebuilds these modules from
+(``moe_train.inference.load.load_for_inference`` rebuilds these modules from
 ``quantization.pt`` before loading the int8 tensors); ``train --resume`` refuses it
-(``checkpoint.check_compatible``), since training needs the float weights: resume from the
+(``moe_train.checkpoint.resume.check_compatible``), since training needs the float weights: resume from the
 checkpoint it was quantized from.
 """
 
@@ -45,18 +46,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_train.checkpoint import CheckpointError, TrainState, save_weights_checkpoint, split_state
+from moe_train.checkpoint.state import CheckpointError
+from moe_train.checkpoint.weights import QUANTIZATION_FILE
 from moe_train.moe.experts import GroupedExperts
 from moe_train.moe.layer import mark_expert_params
 from moe_train.moe.shared import SharedExpert
 
-QUANTIZATION_FILE = "quantization.pt"
 SCHEME = "int8 weight-only, symmetric, per output channel (scale = max|w| / 127)"
 QMAX = 127
 
@@ -179,7 +180,8 @@ class Int8SharedExpert(SharedExpert):
         return expert_activation(x_TD @ w1, g_TF, self.activation) @ w2
 
 
-def _tied_head(model: nn.Module) -> Optional[nn.Module]:
+def tied_head(model: nn.Module) -> Optional[nn.Module]:
+    """The model's head when it shares the embedding's weight (kept in fp32), else None."""
     head, embed = getattr(model, "head", None), getattr(model, "embed", None)
     if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
         return head
@@ -190,7 +192,7 @@ def quantize_model(model: nn.Module) -> dict[str, list[str]]:
     """Replaces, in place, every quantizable module of ``model`` (module docstring) by its
     int8 form; a module registered under several names (``share_layers``) is converted
     once and stays shared. Returns the converted module names by kind, in module order."""
-    tied = _tied_head(model)
+    tied = tied_head(model)
     kinds = {Int8Linear: "linears", Int8GroupedExperts: "experts", Int8SharedExpert: "shared"}
     # Every (parent, child) edge first, then the swaps: a shared child shows up once per
     # path, with the same identity, before anything is replaced.
@@ -258,51 +260,3 @@ def finish_load(model: nn.Module, record: dict) -> None:
         to_dynamic(model)
 
 
-def quantize_checkpoint(checkpoint: str | Path, out: str | Path, dynamic: bool = False,
-                        eval_batches: int = 0, data: Optional[str] = None,
-                        log: Callable[[str], None] = print) -> dict:
-    """``moe-train quantize``: loads ``checkpoint`` (one process, any ep it was trained at),
-    quantizes it (module docstring), writes a weights-only checkpoint under ``out``
-    (``out/step_N``, ``latest``) with ``quantization.pt``, reloads it as ``generate`` does
-    and measures both sides.
-
-    Returns:
-        {"path", "before", "after" (``report.Snapshot``), "modules"}.
-    """
-    from moe_train.compress import report
-    from moe_train.config import config_to_dict
-    from moe_train.generate import load_for_inference
-
-    out = report.check_out_dir(out)
-    loaded = report.with_data(load_for_inference(checkpoint), data)
-    if read_record(loaded.path, loaded.meta) is not None:
-        raise ValueError(f"{loaded.path} is already int8 (moe-train quantize); quantize the float checkpoint")
-    log(f"# moe-train quantize: {loaded.path} (step {loaded.meta['step']}, {loaded.cfg.moe.num_experts} experts)")
-    before = report.snapshot(loaded, loaded.path, eval_batches)
-    model = loaded.model
-    tied = _tied_head(model) is not None
-    names = quantize_model(model)
-    unique = {kind: len({id(model.get_submodule(n)) for n in paths}) for kind, paths in names.items()}
-    log(f"{SCHEME}: {unique['linears']} dense linears, {unique['experts']} expert sets, "
-        f"{unique['shared']} shared experts; fp32: embeddings{' (tied head)' if tied else ''}, "
-        f"norms, routers")
-    if dynamic:
-        log("--dynamic: the dense linears run as torch.ao.nn.quantized.dynamic.Linear (int8 GEMMs, CPU); "
-            "torch.ao.quantization is deprecated in torch 2.13 (torchao replaces it) but works")
-    dense, experts = split_state(model)
-    config = config_to_dict(loaded.cfg)
-    config["checkpoint"]["dir"] = str(out)
-    record = {"format": 1, "scheme": SCHEME, "modules": names, "dynamic": dynamic, "source": str(loaded.path)}
-    saved = loaded.meta.get("train_state", {})
-    state = TrainState(**{k: saved[k] for k in ("step", "tokens_seen", "skipped_steps", "loader_states") if k in saved})
-    path = save_weights_checkpoint(out, dense=dense, experts=experts, num_experts=loaded.cfg.moe.num_experts,
-                                   config=config, state=state, origin=f"int8-quantized from {loaded.path}",
-                                   extra_files={QUANTIZATION_FILE: record})
-    after_loaded = report.with_data(load_for_inference(path), data)
-    after = report.snapshot(after_loaded, path, eval_batches)
-    after.weights, after.nonzero = report.weight_counts(model)  # the dynamic modules hide theirs
-    log(f"wrote {path} (int8 + scales in the manifest; generate and evaluation load it, "
-        f"train --resume refuses it)")
-    for line in report.table(before, after):
-        log(line)
-    return {"path": path, "before": before, "after": after, "modules": names}

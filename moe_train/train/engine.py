@@ -8,7 +8,7 @@ re-classes each MoE layer in place as a subclass of both (no wrapper: parameter 
 our forward stay as they are) and builds DeepSpeed's expert groups from OUR topology,
 checking rank by rank that they are the same groups our all-to-all runs over.
 
-Then, per ZeRO stage (tested in tests/test_engine_parity.py):
+Then, per ZeRO stage (tested in tests/test_engine.py):
   dense gradients   averaged over all ranks;
   expert gradients  summed over the expert-data-parallel group, divided by the world
                     size (DeepSpeed's ``_reduce_expert_gradients``, our ``parallel/grads``);
@@ -35,6 +35,7 @@ from moe_train.moe.layer import MoELayer
 from moe_train.parallel.groups import ParallelGroups
 
 log = logging.getLogger("moe_train.engine")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.dtype
 
 
 # ----------------------------------------------------------- DeepSpeed sees our layers

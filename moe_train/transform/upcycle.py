@@ -17,7 +17,7 @@ What becomes what (MOE_REFERENCE.md "Upcycling"):
     expert e takes hidden shard ``s = e mod G`` (columns ``[s F, (s + 1) F)``) with its
     down projection times G;
   * the router is new, drawn like any router of ours (``Router``: N(0, (0.1 / sqrt(D))^2),
-    from the global RNG seeded with ``train.seed``, as ``train.build_model`` does). With
+    from the global RNG seeded with ``train.seed``, as ``moe_train.model.build.build_model`` does). With
     G > 1 the G experts of replica r = e // G (experts ``[r G, (r + 1) G)``) share one
     column, so their logits tie and top-k takes whole replicas (ties go to the lower id);
   * a shared expert (``moe.shared_d_ff``) starts with its output projection ``w2`` at
@@ -56,7 +56,12 @@ from typing import Optional
 
 import torch
 
+from moe_train.checkpoint.state import TrainState, list_checkpoints
+from moe_train.checkpoint.weights import save_model_checkpoint
 from moe_train.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
+from moe_train.inference.load import load_for_inference
+from moe_train.model.sizing import human_count, param_counts
+from moe_train.model.transformer import MoETransformer
 
 # Model keys the copied tensors are shaped by (model.moe_every and model.first_dense_layers
 # choose which blocks become MoE and may change); model.max_seq_len shapes the learned
@@ -108,8 +113,6 @@ class UpcycleReport:
     expert_d_ff: int = 0
 
     def lines(self) -> list[str]:
-        from moe_train.model.sizing import human_count
-
         cfg_moe = (f"{len(self.moe_blocks)} MoE blocks ({', '.join(map(str, self.moe_blocks))}) of "
                    f"{self.num_experts} experts, top-{self.top_k}, expert d_ff {self.expert_d_ff}")
         status = ("yes" if self.exact else "NO (--allow-inexact): " + "; ".join(self.inexact))
@@ -127,7 +130,7 @@ class UpcycleReport:
             *[f"WARNING: {w}" for w in self.warnings],
             f"step 0 (fresh optimizer and LR schedule); tokens seen {self.tokens_seen:,}; {self.data_position}",
             f"config: {self.config_path}; continue with: moe-train train --config {self.config_path} "
-            f"(under moe_train.launch for several ranks; --resume auto finds {self.path.name})",
+            f"(under moe-train launch for several ranks; --resume auto finds {self.path.name})",
         ]
 
 
@@ -284,11 +287,6 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[
         ValueError: a shape-changing override, an already-MoE checkpoint, a non-empty
             ``out``, or (without ``allow_inexact``) a config outside exact mode.
     """
-    from moe_train.checkpoint import TrainState, list_checkpoints, save_model_checkpoint
-    from moe_train.generate import load_for_inference
-    from moe_train.model.sizing import param_counts
-    from moe_train.model.transformer import MoETransformer
-
     out = Path(out)
     if list_checkpoints(out):
         raise ValueError(f"--out {out} already holds checkpoints; choose a new directory")
@@ -303,7 +301,7 @@ def upcycle_checkpoint(checkpoint: str | Path, out: str | Path, overrides: list[
     if inexact and not allow_inexact:
         raise ValueError("the upcycled model would not reproduce the dense one at step 0 (exact mode): "
                          + "; ".join(inexact) + ". Fix these, or pass --allow-inexact")
-    torch.manual_seed(cfg.train.seed)  # the new router's draw, as train.build_model seeds it
+    torch.manual_seed(cfg.train.seed)  # the new router's draw, as build_model seeds it
     moe_model = MoETransformer(cfg.model, cfg.moe)
     upcycle_weights(loaded.model, moe_model, cfg, G)
     diff = max_logit_difference(loaded.model, moe_model, cfg.model.vocab_size,

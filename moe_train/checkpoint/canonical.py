@@ -1,7 +1,7 @@
 """The canonical checkpoint: the whole training state by logical parameter name, loadable
 at any world size, any expert-parallel size dividing E and ZeRO stage 0, 1 or 2.
 
-Why a second format: the engine checkpoint (``moe_train.checkpoint``) stores each rank's
+Why a second format: the engine checkpoint (``engine_format``) stores each rank's
 ZeRO partition of the optimizer, which only the same layout can read back. Stacks that
 move such state to another layout lose experts or moments on the way (DeepSpeed's
 universal checkpoint skips experts of layers it did not build, DeepSpeed #5716), so this
@@ -27,7 +27,7 @@ DCP keys, ``NAME`` a logical parameter (``model.named_parameters()``) or buffer 
     buffer/NAME       every persistent buffer (e.g. the router's selection bias b_E)
 
 The learning rate needs no state: it is a pure function of the step
-(``moe_train.schedule``). The RNG is not carried over: a resume re-derives it from
+(``moe_train.train.schedule``). The RNG is not carried over: a resume re-derives it from
 (seed, step, rank) and says so, since another layout has other ranks anyway.
 
 Gathering: ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` are
@@ -54,171 +54,36 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 import warnings
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moe_train import checkpoint as ckpt
-from moe_train import manifest as mf
+import moe_train.checkpoint.manifest as mf
+from moe_train.checkpoint.optimizer_state import MOMENTS, OptimizerView, restore_scaler, scaler_state
+from moe_train.checkpoint.state import (CANONICAL_DIRNAME, CheckpointError, TrainState, agree, gather, provenance,
+                                        read_meta)
 from moe_train.parallel.grads import is_expert_param
 from moe_train.parallel.groups import ParallelGroups
 
 FORMAT_VERSION = 1
-DIRNAME = "canonical"
+DIRNAME = CANONICAL_DIRNAME
 KIND = "canonical"
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state besides the step
 
 
-# ------------------------------------------------------------------- optimizer access
 
 
-class OptimizerView:
-    """The fp32 master, moments and step of each model parameter, whatever DeepSpeed
-    wrapped the AdamW in.
-
-    ``flat`` (ZeRO 1/2, DeepSpeed's BF16 optimizer): the parameter has an ``_hp_mapping``
-    into a flat fp32 partition; read and written through DeepSpeed's public accessors.
-    ``per_param`` (ZeRO 0): a plain optimizer on the parameters themselves (fp32), or
-    DeepSpeed's unfused fp16/bf16 wrapper with one fp32 master per parameter.
-    """
-
-    def __init__(self, optimizer, model: nn.Module):
-        self.opt = optimizer
-        if hasattr(optimizer, "bit16_groups") and hasattr(optimizer, "single_partition_of_fp32_groups"):
-            self.kind, self.groups = "flat", list(zip(optimizer.bit16_groups,
-                                                      optimizer.single_partition_of_fp32_groups))
-        elif hasattr(optimizer, "bf16_groups") and hasattr(optimizer, "fp32_groups_flat_partition"):
-            self.kind, self.groups = "flat", list(zip(optimizer.bf16_groups, optimizer.fp32_groups_flat_partition))
-        elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups") \
-                and not hasattr(optimizer, "fp32_groups_flat"):
-            self.kind = "per_param"
-            self.master_of = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
-                              for lp, hp in zip(lps, hps)}
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            self.kind = "per_param"
-            self.master_of = {id(p): p for g in optimizer.param_groups for p in g["params"]}
-        else:
-            raise ckpt.CheckpointError(f"canonical checkpoint: the optimizer {type(optimizer).__name__} is not "
-                                       f"one moe_train knows (ZeRO 0/1/2 around torch AdamW)")
-        self.base = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        if not isinstance(self.base, (torch.optim.AdamW, torch.optim.Adam)):
-            raise ckpt.CheckpointError(f"canonical checkpoint: the base optimizer is {type(self.base).__name__}; "
-                                       f"only Adam/AdamW state (exp_avg, exp_avg_sq, step) is stored")
-        if any(g.get("amsgrad") for g in self.base.param_groups):
-            raise ckpt.CheckpointError("canonical checkpoint: amsgrad keeps a third moment, which is not stored")
-        if self.kind == "flat":
-            self.group_of = {id(p): i for i, (lps, _) in enumerate(self.groups) for p in lps}
-
-    def _slot(self, param) -> Tensor:
-        """The tensor the base optimizer keys its state by for ``param``."""
-        if self.kind == "flat":
-            return self.groups[self.group_of[id(param)]][1]
-        return self.master_of[id(param)]
-
-    def has(self, param) -> bool:
-        return id(param) in (self.group_of if self.kind == "flat" else self.master_of)
-
-    def ensure_state(self) -> None:
-        """AdamW creates its state at the first step; a save before it, or a restore into
-        a fresh engine, needs it now: zero moments and step 0 (what AdamW would create),
-        then DeepSpeed's fragments linked to it (``lazy_init_hp_params_optimizer_state``:
-        always re-linked, since a ``load_state_dict`` replaces the state tensors)."""
-        from deepspeed.utils import lazy_init_hp_params_optimizer_state
-
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        slots = [hp for _, hp in self.groups] if self.kind == "flat" else list(self.master_of.values())
-        for hp in slots:
-            state = self.base.state[hp]
-            if not state:
-                state["step"] = torch.tensor(0.0, dtype=scalar)
-                for key in MOMENTS:
-                    state[key] = torch.zeros_like(hp, memory_format=torch.preserve_format)
-        if self.kind == "flat":
-            for lps, hp in self.groups:
-                lazy_init_hp_params_optimizer_state(lps, hp, self.base.state)
-
-    def get(self, param, key: str) -> Tensor:
-        """``key`` "master" or a moment: the full tensor this rank holds (a collective over
-        the parameter's data-parallel group in the flat case)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        if self.kind == "flat":
-            return safe_get_full_fp32_param(param) if key == "master" \
-                else safe_get_full_optimizer_state(param, key)
-        if not self.has(param):  # frozen: not in the optimizer, the weight is its own master
-            return param.detach()
-        hp = self.master_of[id(param)]
-        return hp.detach() if key == "master" else self.base.state[hp][key].detach()
-
-    def set(self, param, key: str, value: Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if self.kind == "flat":
-            if key == "master":
-                safe_set_full_fp32_param(param, value)
-            else:
-                safe_set_full_optimizer_state(param, value, key)
-            return
-        hp = self.master_of[id(param)]
-        (hp.data if key == "master" else self.base.state[hp][key]).copy_(value)
-
-    def get_step(self, param) -> float:
-        step = self.base.state[self._slot(param)].get("step", 0.0)
-        return float(step)
-
-    def set_steps(self, steps: dict[int, float]) -> None:
-        """``steps``: id(param) -> step. All parameters of one flat partition share one
-        step count; different values for them cannot be represented (CheckpointError)."""
-        by_slot: dict[int, tuple[Tensor, set]] = {}
-        for pid, step in steps.items():
-            slot = self.groups[self.group_of[pid]][1] if self.kind == "flat" else self.master_of[pid]
-            by_slot.setdefault(id(slot), (slot, set()))[1].add(step)
-        for slot, values in by_slot.values():
-            if len(values) > 1:
-                raise ckpt.CheckpointError(f"canonical checkpoint: parameters sharing one ZeRO partition have "
-                                           f"different AdamW step counts {sorted(values)}")
-            old = self.base.state[slot]["step"]
-            self.base.state[slot]["step"] = torch.full_like(old, values.pop()) if torch.is_tensor(old) \
-                else values.pop()
 
 
-SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
-def _scaler(optimizer) -> tuple[Optional[Any], bool]:
-    """(DeepSpeed's loss scaler or its config object, whether it scales dynamically)."""
-    obj = getattr(optimizer, "loss_scaler", None) or getattr(optimizer, "loss_scale_config", None)
-    return obj, obj is not None and bool(getattr(obj, "dynamic", getattr(obj, "dynamic_loss_scale", False)))
 
 
-def scaler_state(optimizer) -> dict:
-    """The loss scaler's position (fp16 dynamic scaling; static 1.0 otherwise)."""
-    obj, dynamic = _scaler(optimizer)
-    if obj is None:
-        return {}
-    state = {k: getattr(obj, k) for k in SCALER_FIELDS if isinstance(getattr(obj, k, None), (int, float))}
-    return {**state, "dynamic": dynamic}
-
-
-def _restore_scaler(optimizer, saved: dict) -> str:
-    obj, dynamic = _scaler(optimizer)
-    if not saved.get("dynamic"):
-        return ""
-    if not dynamic:
-        return f"; the saved fp16 loss scale {saved.get('cur_scale')} is not used (this run scales no loss)"
-    for key in SCALER_FIELDS:
-        if key in saved and hasattr(obj, key):
-            setattr(obj, key, saved[key])
-    return f"; loss scale {saved.get('cur_scale')}"
 
 
 # ------------------------------------------------------------------------ gathering
@@ -349,7 +214,7 @@ def _dcp_errors() -> tuple:
     return (Exception, CheckpointException)
 
 
-def _first_line(err: BaseException) -> str:
+def one_line_error(err: BaseException) -> str:
     """The innermost error of a (DCP) exception, in one line: what the user can act on."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     last = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "")
@@ -357,10 +222,10 @@ def _first_line(err: BaseException) -> str:
 
 
 def _agree(error: Optional[str], world: int) -> list[str]:
-    return [e for e in ckpt._agree(error, world) if e]
+    return [e for e in agree(error, world) if e]
 
 
-def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: ckpt.TrainState,
+def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: TrainState,
          groups: ParallelGroups, config: dict) -> Path:
     """Writes ``step_dir/canonical`` atomically (module docstring). Every rank calls it.
 
@@ -372,7 +237,7 @@ def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: ckpt.Train
     tmp, final = step_dir / f".tmp_{DIRNAME}", step_dir / DIRNAME
     topo, rank, world = groups.topology, groups.rank, groups.topology.world_size
     tensors, expert_keys = gather_state(model, optimizer)
-    records = ckpt._gather(_records(tensors, expert_keys, groups), world)
+    records = gather(_records(tensors, expert_keys, groups), world)
     error = None
     if rank == 0:
         try:
@@ -386,7 +251,7 @@ def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: ckpt.Train
     try:
         dcp.save(_as_dcp(tensors, expert_keys, _mesh(groups)), checkpoint_id=str(tmp))
     except _dcp_errors() as err:  # DCP re-raises every rank's failure on every rank
-        error = f"rank {rank}: writing {tmp} failed: {_first_line(err)}"
+        error = f"rank {rank}: writing {tmp} failed: {one_line_error(err)}"
     _raise_if(_agree(error, world), state.step, tmp, rank)
     if rank == 0:
         try:
@@ -402,11 +267,11 @@ def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
         return
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    raise ckpt.CheckpointError(f"canonical checkpoint of step {step} failed: {'; '.join(errors)}. "
+    raise CheckpointError(f"canonical checkpoint of step {step} failed: {'; '.join(errors)}. "
                                f"Nothing was published; the engine checkpoint {tmp.parent} is intact")
 
 
-def _publish(tmp: Path, final: Path, state: ckpt.TrainState, topo, config: dict, records: dict,
+def _publish(tmp: Path, final: Path, state: TrainState, topo, config: dict, records: dict,
              scaler: dict) -> None:
     entries = {p.name: {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
                for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -415,7 +280,7 @@ def _publish(tmp: Path, final: Path, state: ckpt.TrainState, topo, config: dict,
     meta = {"format": FORMAT_VERSION, "kind": KIND, "complete": True, "step": state.step,
             "tokens_seen": state.tokens_seen, "train_state": asdict(state),
             "topology": {"world_size": topo.world_size, "ep_size": topo.ep_size, "num_experts": topo.num_experts},
-            "config": config, "versions": ckpt._provenance(), "saved_at": time.time(),
+            "config": config, "versions": provenance(), "saved_at": time.time(),
             "files": {name: e["bytes"] for name, e in entries.items()}, "loss_scaler": scaler,
             "manifest": manifest}
     with open(tmp / "meta.json", "w") as f:
@@ -433,7 +298,7 @@ def _publish(tmp: Path, final: Path, state: ckpt.TrainState, topo, config: dict,
 def complete_canonical(step_dir: Path) -> Optional[Path]:
     """``step_dir/canonical`` when it is a complete canonical checkpoint."""
     path = Path(step_dir) / DIRNAME
-    meta = ckpt.read_meta(path)
+    meta = read_meta(path)
     return path if meta and meta.get("kind") == KIND and meta.get("complete") else None
 
 
@@ -456,7 +321,7 @@ def verify(path: str | Path) -> list[str]:
     every file's presence, size and CRC-32; when a file differs, the tensors are read to
     name the ones that differ. Needs no model and no process group."""
     path = Path(path)
-    meta = ckpt.read_meta(path)
+    meta = read_meta(path)
     if meta is None:
         return [f"{path}: no readable meta.json (not a canonical checkpoint, or a save that never finished)"]
     if meta.get("kind") != KIND or not meta.get("complete") or "manifest" not in meta:
@@ -478,7 +343,7 @@ def verify(path: str | Path) -> list[str]:
         try:
             tensors = read_all(path)
         except _dcp_errors() as err:  # a torn file: DCP cannot read it at all
-            return problems + [f"{path}: cannot be read ({_first_line(err)})"]
+            return problems + [f"{path}: cannot be read ({one_line_error(err)})"]
         named = check_tensors(manifest["tensors"], tensors, 0, str(path))
         named += [f"{path}: tensor {k} is missing (the manifest lists it)"
                   for k in sorted(set(manifest["tensors"]) - set(tensors))]
@@ -508,7 +373,7 @@ def load(path: str | Path, model: nn.Module, groups: ParallelGroups) -> Loaded:
         CheckpointError on every rank, naming the first problem of any rank.
     """
     path = Path(path)
-    meta = ckpt.read_meta(path) or {}
+    meta = read_meta(path) or {}
     records, topo, rank = meta["manifest"]["tensors"], groups.topology, groups.rank
     params, buffers = _names(model)
     want: dict[str, Tensor] = {}
@@ -532,7 +397,7 @@ def load(path: str | Path, model: nn.Module, groups: ParallelGroups) -> Loaded:
         try:
             dcp.load(sd, checkpoint_id=str(path))
         except _dcp_errors() as err:
-            error = f"rank {rank}: reading {path} failed: {_first_line(err)}"
+            error = f"rank {rank}: reading {path} failed: {one_line_error(err)}"
     if error is None:
         first = topo.local_experts(rank).start
         problems = check_tensors(records, {k: v for k, v in want.items() if k not in expert_keys}, 0,
@@ -541,7 +406,7 @@ def load(path: str | Path, model: nn.Module, groups: ParallelGroups) -> Loaded:
         error = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") if problems else None
     errors = _agree(error, topo.world_size)
     if errors:
-        raise ckpt.CheckpointError(errors[0])
+        raise CheckpointError(errors[0])
     return Loaded(path, meta, want)
 
 
@@ -590,13 +455,6 @@ def restore_optimizer(optimizer, model: nn.Module, loaded: Loaded) -> str:
     view.set_steps(steps)
     adam_steps = sorted(set(steps.values()))
     return (f"AdamW step {', '.join(f'{s:g}' for s in adam_steps)}"
-            f"{_restore_scaler(optimizer, loaded.meta.get('loss_scaler', {}))}")
+            f"{restore_scaler(optimizer, loaded.meta.get('loss_scaler', {}))}")
 
 
-def reseed(seed: int, step: int, rank: int) -> int:
-    """Seeds python, numpy and torch from (seed, step, rank); returns the derived seed."""
-    derived = zlib.crc32(f"moe_train/{seed}/{step}/{rank}".encode())
-    random.seed(derived)
-    np.random.seed(derived)
-    torch.manual_seed(derived)
-    return derived

@@ -58,8 +58,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from moe_train.checkpoint import TrainState, save_model_checkpoint
+import moe_train.transform.report as report
+from moe_train.checkpoint.state import TrainState
+from moe_train.checkpoint.weights import save_model_checkpoint
 from moe_train.config import config_from_dict, config_to_dict, dump_config
+from moe_train.inference.int8 import read_record
+from moe_train.inference.load import load_for_inference
+from moe_train.model.transformer import MoETransformer
 from moe_train.moe.layer import MoELayer
 from moe_train.moe.shared import SharedExpert
 
@@ -71,8 +76,6 @@ def measure_expert_load(loaded, eval_batches: int) -> tuple[float, int, dict[str
     Returns:
         (loss, tokens, {layer name: int64 counts_E}), layers in module order.
     """
-    from moe_train.compress.report import evaluate
-
     counts: dict[str, Tensor] = {}
     hooks = []
     for name, module in loaded.model.named_modules():
@@ -84,7 +87,7 @@ def measure_expert_load(loaded, eval_batches: int) -> tuple[float, int, dict[str
 
             hooks.append(module.register_forward_hook(hook))
     try:
-        loss, tokens = evaluate(loaded, eval_batches)
+        loss, tokens = report.evaluate(loaded, eval_batches)
     finally:
         for h in hooks:
             h.remove()
@@ -205,11 +208,6 @@ def prune_checkpoint(checkpoint: str | Path, out: str | Path, keep: Optional[int
         {"path", "before", "after" (``report.Snapshot``), "kept" ({layer: ids}),
         "loads" ({layer: fractions}), "num_experts", "resume" (the printed commands)}.
     """
-    from moe_train.compress import report
-    from moe_train.compress.quantize import read_record
-    from moe_train.generate import load_for_inference
-    from moe_train.model.transformer import MoETransformer
-
     out = report.check_out_dir(out)
     loaded = report.with_data(load_for_inference(checkpoint), data)
     if read_record(loaded.path, loaded.meta) is not None:

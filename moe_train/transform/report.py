@@ -9,7 +9,7 @@ both sides.
   int8 checkpoint, ``quantization.pt``); the optimizer and RNG files of a training
   checkpoint (``rank*.pt``) and ``meta.json`` are not the model and are left out, so a
   training checkpoint and a weights-only one compare fairly.
-* validation loss: ``moe_train.demo.heldout_loss`` (token-weighted cross-entropy over the
+* validation loss: ``moe_train.inference.heldout_loss`` (the one evaluation) (token-weighted cross-entropy over the
   validation split of the data manifest, in training micro-batches, eval capacity), on
   the first ``eval_batches`` batches (0: the whole split).
 """
@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moe_train.checkpoint import list_checkpoints, read_meta
+from moe_train.checkpoint.state import list_checkpoints, read_meta
+from moe_train.inference.load import heldout_loss
 
 
 @dataclass
@@ -77,8 +78,6 @@ def with_data(loaded, data: Optional[str]):
 
 def evaluate(loaded, eval_batches: int) -> tuple[float, int]:
     """(validation loss, tokens) of a loaded model; a missing manifest is a user error."""
-    from moe_train.demo import heldout_loss
-
     manifest = loaded.cfg.data.manifest
     if not manifest or not Path(manifest).is_file():
         raise ValueError(f"data.manifest {manifest!r} of the checkpoint's config is not a readable file "

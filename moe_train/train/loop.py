@@ -4,8 +4,9 @@
 
 runs as one process, under torchrun, the deepspeed launcher, srun or mpirun (rank
 discovery in ``moe_train.parallel.init``). Each concern lives in its own place: the step
-(``train_step``), the schedule (``moe_train.schedule``), metrics (``moe_train.metrics``),
-checkpoints (``moe_train.checkpoint``), DeepSpeed (``moe_train.engine``).
+(``step.train_step``), the evaluation (``evaluate``), the schedule (``schedule``),
+metrics (``metrics``), DeepSpeed (``engine``), checkpoints and which one to resume
+(``moe_train.checkpoint``), stop requests (``control``), test faults (``faults``).
 
 Seams for launchers: ``StopRequest.request()`` (from a signal handler, say) makes every
 rank stop after the current step, write one complete checkpoint and return
@@ -15,12 +16,9 @@ rank stop after the current step, write one complete checkpoint and return
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import threading
-import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,25 +27,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train import canonical, reshard
-from moe_train import checkpoint as ckpt
-from moe_train import determinism
+import moe_train.checkpoint.canonical as canonical
+import moe_train.checkpoint.resume as resume_choice
+from moe_train.checkpoint.engine_format import load_model_weights, load_rank_state, save_checkpoint
+from moe_train.checkpoint.optimizer_state import load_optimizer_state
+from moe_train.checkpoint.rng import reseed, set_rng_state
+from moe_train.checkpoint.state import CheckpointError, TrainState, read_meta
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
-from moe_train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
-from moe_train.engine import Engine, build_engine, set_lr
-from moe_train.metrics import (MetricsWriter, RoutingMonitor, StepTimer, format_console_line,
-                               measure_peak_flops, memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
+from moe_train.model.build import build_model
 from moe_train.moe.balance import update_selection_biases
-from moe_train.moe.losses import total_loss
-from moe_train.parallel.grads import clip_grad_norm_
 from moe_train.parallel.groups import ParallelGroups, build_groups
 from moe_train.parallel.init import DistEnv, discover, init_distributed
 from moe_train.parallel.phase import PHASE, Watchdog
 from moe_train.parallel.topology import Topology
-from moe_train.schedule import lr_at
+import moe_train.train.determinism as determinism
+from moe_train.train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
+from moe_train.train.engine import DTYPES, Engine, build_engine
+from moe_train.train.evaluate import evaluate
+from moe_train.train.faults import NO_FAULTS, Faults
+from moe_train.train.metrics import (MetricsWriter, RoutingMonitor, StepTimer, format_console_line,
+                                     measure_peak_flops, memory_tag, moe_metrics, peak_memory_bytes, reduce_mean)
+from moe_train.train.step import StepOut, train_step
 
 log = logging.getLogger("moe_train.train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -65,30 +67,6 @@ class TrainResult:
     skipped_steps: int = 0
 
 
-@dataclass
-class StepOut:
-    loss_parts: dict  # lm_loss, aux_loss, z_loss, loss: means over micro-batches (tensors)
-    moe_stats: list
-    grad_norm: Optional[float]
-    skipped: bool
-    stop: bool
-    mean_lm: float  # lm loss averaged over micro-batches and ranks
-    digest: int = 0  # a hash of this rank's input ids of the step (same data <=> same digest)
-
-
-# ------------------------------------------------------------------------ faults
-
-
-def _fault(kind: str, step: int, rank: int) -> bool:
-    """Test-only fault injection: MOE_TRAIN_FAULT="kind@step:rank[,...]"."""
-    for item in filter(None, os.environ.get("MOE_TRAIN_FAULT", "").split(",")):
-        name, _, where = item.partition("@")
-        at_step, _, at_rank = where.partition(":")
-        if name == kind and int(at_step) == step and (at_rank == "" or int(at_rank) == rank):
-            return True
-    return False
-
-
 # -------------------------------------------------------------------------- setup
 
 
@@ -100,14 +78,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000003 * rank)
 
 
-def build_model(cfg: Config, groups: ParallelGroups, device: torch.device):
-    from moe_train.model.transformer import MoETransformer
-
-    torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
-    balance_group = groups.dp if cfg.moe.balance_scope == "global" else None
-    model = MoETransformer(cfg.model, cfg.moe, ep_group=groups.ep, balance_group=balance_group,
-                           activation_checkpointing=cfg.train.activation_checkpointing)
-    return model.to(device)
 
 
 def _broadcast_choice(value, env: DistEnv):
@@ -142,94 +112,8 @@ def startup_report(cfg: Config, env: DistEnv, topo: Topology, engine: Engine, de
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- step
 
 
-def train_step(engine: Engine, batches: Iterator[dict], cfg: Config, groups: ParallelGroups,
-               device, step: int, stop: StopRequest) -> StepOut:
-    """One optimizer step over ``train.grad_accum_steps`` micro-batches.
-
-    A non-finite loss on any rank turns the last backward into NaN gradients on purpose,
-    so every rank's optimizer (DeepSpeed's ZeRO overflow check, or our own norm at ZeRO
-    0) skips this step identically and discards the accumulated gradients. The ranks
-    agree on that and on a stop request in one all-reduce per step.
-    """
-    ds, gas = engine.ds, cfg.train.grad_accum_steps
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "lm_loss", "aux_loss", "z_loss")}
-    bad = torch.zeros((), device=device)
-    rank, digest = groups.rank, 0
-    for micro in range(gas):
-        batch = next(batches)
-        digest = zlib.crc32(batch["input_ids"].numpy().tobytes(), digest)
-        ds.set_gradient_accumulation_boundary(micro == gas - 1)
-        PHASE.enter(f"forward of micro-batch {micro + 1}/{gas}")
-        out = ds(batch["input_ids"].to(device), batch["labels"].to(device))
-        loss = total_loss(out.lm_loss, out.moe_losses, cfg.moe, out.moe_seq_losses)  # [routing] + seq loss
-        if _fault("nan_loss", step, rank):
-            loss = loss * float("nan")
-        bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        sums["lm_loss"] += out.lm_loss.detach() / gas
-        if micro == gas - 1:  # [any bad loss, any stop request, sum of lm losses]: one all-reduce
-            packed = torch.stack([bad, torch.tensor(float(stop.requested), device=device),
-                                  sums["lm_loss"].float()])
-            if groups.dp is not None:
-                PHASE.enter("the per-step agreement all-reduce (loss finite? stop requested?)")
-                dist.all_reduce(packed, group=groups.dp)
-            skip, want_stop = bool(packed[0] > 0), bool(packed[1] > 0)
-            mean_lm = float(packed[2]) / groups.topology.world_size
-            if skip:
-                loss = loss * float("nan")
-        PHASE.enter(f"backward of micro-batch {micro + 1}/{gas} (gradient reduction at the last)")
-        ds.backward(loss)
-        sums["loss"] += loss.detach() / gas
-        sums["aux_loss"] += sum((a.detach() for a, _ in out.moe_losses), torch.zeros((), device=device)) / gas
-        sums["z_loss"] += sum((z.detach() for _, z in out.moe_losses), torch.zeros((), device=device)) / gas
-    set_lr(engine, lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
-                         total_steps=cfg.train.max_steps, decay=cfg.optim.decay))
-    grad_norm = None
-    if engine.own_clipping:
-        PHASE.enter("gradient-norm all-reduce (clipping)")
-        grad_norm = float(clip_grad_norm_(ds.module, cfg.optim.grad_clip, groups))
-        if not math.isfinite(grad_norm):
-            ds.zero_grad()  # ZeRO 0: gradients live in .grad; drop them, take no step
-            return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm, digest)
-    skipped_before = ds.skipped_steps
-    PHASE.enter("optimizer step (ZeRO gradient norm, update, parameter all-gather)")
-    ds.step()
-    skipped = skip or ds.skipped_steps > skipped_before
-    if grad_norm is None:
-        norm = ds.get_global_grad_norm()
-        grad_norm = None if norm is None else float(norm)
-    return StepOut(sums, out.moe_stats, grad_norm, skipped, want_stop, mean_lm, digest)
-
-
-# ------------------------------------------------------------------------- eval
-
-
-@torch.no_grad()
-def evaluate(engine: Engine, loader, cfg: Config, groups: ParallelGroups, device) -> dict[str, float]:
-    """Token-weighted mean validation loss over ``train.eval_steps`` batches per rank
-    (0: the whole split); every rank runs the same number of batches (EP collectives)."""
-    import torch.nn.functional as F
-
-    model = engine.module
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
-    try:
-        for i, batch in enumerate(loader):
-            if cfg.train.eval_steps and i >= cfg.train.eval_steps:
-                break
-            labels = batch["labels"].to(device)
-            out = model(batch["input_ids"].to(device))
-            total[0] += F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels.flatten(),
-                                        ignore_index=-100, reduction="sum").double()
-            total[1] += (labels != -100).sum()
-    finally:
-        model.train()
-    if groups.dp is not None:
-        dist.all_reduce(total, group=groups.dp)
-    loss = float(total[0] / total[1].clamp_min(1))
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": float(total[1])}
 
 
 # -------------------------------------------------------------------------- run
@@ -238,8 +122,9 @@ def evaluate(engine: Engine, loader, cfg: Config, groups: ParallelGroups, device
 class _Run:
     """The state one ``train`` call threads through its helpers."""
 
-    def __init__(self, cfg: Config, env: DistEnv, device, groups: ParallelGroups, plan):
+    def __init__(self, cfg: Config, env: DistEnv, device, groups: ParallelGroups, plan, faults: Faults):
         self.cfg, self.env, self.device, self.groups, self.plan = cfg, env, device, groups, plan
+        self.faults = faults
         self.rank = env.rank
         self.writer = MetricsWriter(cfg.logging.dir if cfg.logging.tensorboard else None, env.rank == 0)
         self.timer = StepTimer()
@@ -259,7 +144,7 @@ def _flops_per_token(cfg: Config) -> float:
     return flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
 
 
-def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: ckpt.TrainState) -> None:
+def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: TrainState) -> None:
     """Reduces and writes the metrics of ``step`` (a collective: every rank calls it)."""
     cfg = run.cfg
     losses = reduce_mean(out.loss_parts, run.groups.dp)
@@ -290,7 +175,7 @@ def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: ckpt.TrainSt
                                   {k: v for k, v in console.items() if v is not None}))
 
 
-def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader, with_canonical: bool = False) -> Optional[Path]:
+def _save(run: _Run, engine: Engine, state: TrainState, loader, with_canonical: bool = False) -> Optional[Path]:
     """A collective checkpoint, with its canonical checkpoint (any layout) beside it when
     ``with_canonical``; a failed save is logged and training goes on (the previous
     checkpoint stays the one to resume from; a failed canonical save leaves the engine
@@ -303,16 +188,12 @@ def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader, with_canoni
     else:
         states = [loader_state]
     state.loader_states = states
-    hook = None
-    if _fault("kill_in_save", state.step, run.rank):
-        def hook(phase, tmp):  # the writer dies with its files half published
-            os._exit(137)
     try:
-        path = ckpt.save_checkpoint(cfg.checkpoint.dir, model=engine.module, optimizer=engine.optimizer,
+        path = save_checkpoint(cfg.checkpoint.dir, model=engine.module, optimizer=engine.optimizer,
                                     state=state, topo=run.groups.topology, rank=run.rank,
                                     config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
-                                    fault_hook=hook)
-    except ckpt.CheckpointError as err:
+                               fault_hook=run.faults.save_hook(state.step, run.rank))
+    except CheckpointError as err:
         run.print(f"ERROR: {err}")
         return None
     run.print(f"checkpoint step {state.step} -> {path}")
@@ -321,31 +202,31 @@ def _save(run: _Run, engine: Engine, state: ckpt.TrainState, loader, with_canoni
             written = canonical.save(path, model=engine.module, optimizer=engine.optimizer, state=state,
                                      groups=run.groups, config=config_to_dict(cfg))
             run.print(f"canonical checkpoint step {state.step} -> {written}")
-        except ckpt.CheckpointError as err:
+        except CheckpointError as err:
             run.print(f"ERROR: {err}")
     return path
 
 
-def _restore(run: _Run, source: reshard.ResumeSource, engine: Engine, loader, state: ckpt.TrainState,
+def _restore(run: _Run, source: resume_choice.ResumeSource, engine: Engine, loader, state: TrainState,
              loaded: Optional[canonical.Loaded]) -> None:
     """Optimizer, RNG and data position after the weights (loaded before the engine)."""
-    path, meta = source.path, ckpt.read_meta(source.path)
+    path, meta = source.path, read_meta(source.path)
     saved = meta["train_state"]
     state.step, state.tokens_seen, state.skipped_steps = saved["step"], saved["tokens_seen"], saved["skipped_steps"]
     topo, cfg = run.groups.topology, run.cfg
     here = f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.train.dtype}"
     if source.kind == "engine":
-        rank_state = ckpt.load_rank_state(path, run.rank)
-        ckpt.load_optimizer_state(engine.optimizer, rank_state["optimizer"], topo.world_size)
-        ckpt.set_rng_state(rank_state["rng"])
+        rank_state = load_rank_state(path, run.rank)
+        load_optimizer_state(engine.optimizer, rank_state["optimizer"], topo.world_size)
+        set_rng_state(rank_state["rng"])
         loader.load_state_dict(saved["loader_states"][run.rank])
         run.print(f"resumed from {path} at step {state.step}: weights, optimizer, RNG and data position")
     elif source.kind == "canonical":
         summary = canonical.restore_optimizer(engine.optimizer, engine.module, loaded)
-        canonical.reseed(cfg.train.seed, state.step, run.rank)
+        reseed(cfg.train.seed, state.step, run.rank)
         same_world = len(saved["loader_states"]) == topo.world_size
         loader.load_state_dict(saved["loader_states"][run.rank if same_world else 0])
-        run.print(f"resumed from {path} (canonical, saved at {reshard.describe_layout(meta)}) on {here} at step "
+        run.print(f"resumed from {path} (canonical, saved at {resume_choice.describe_layout(meta)}) on {here} at step "
                   f"{state.step}: every fp32 master, AdamW moment and step by parameter name, experts by "
                   f"global id, checked against the manifest ({summary}); RNG re-derived from (seed "
                   f"{cfg.train.seed}, step {state.step}, rank); data position "
@@ -359,22 +240,23 @@ def _restore(run: _Run, source: reshard.ResumeSource, engine: Engine, loader, st
                   f"{'continued' if saved['loader_states'] else 'starts at the beginning'}")
     else:  # "fresh_optimizer": asked for with checkpoint.fresh_optimizer_on_new_layout
         loader.load_state_dict(saved["loader_states"][0])
-        run.print(f"WARNING: resumed from {path} (saved at {reshard.describe_layout(meta)}) on {here}: weights "
+        run.print(f"WARNING: resumed from {path} (saved at {resume_choice.describe_layout(meta)}) on {here}: weights "
                   f"loaded by global expert id; the optimizer state (AdamW moments and step counts) was NOT "
                   f"loaded and starts fresh (checkpoint.fresh_optimizer_on_new_layout); RNG re-seeded; the "
                   f"data loader re-split the rest of the epoch")
 
 
 def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
-          loaders=None, keep_state: bool = False) -> TrainResult:
+          loaders=None, keep_state: bool = False, faults: Faults = NO_FAULTS) -> TrainResult:
     """Trains until ``train.max_steps`` (or a stop request); returns what happened.
 
     Args:
-        resume: "auto", "none" or a checkpoint path (``moe_train.checkpoint.find_checkpoint``).
+        resume: "auto", "none" or a checkpoint path (``moe_train.checkpoint.resume.choose_resume``).
         stop: set it (e.g. from a signal handler) to stop and checkpoint at the next step.
         loaders: ``(rank, world) -> (train_loader, val_loader or None)`` replacing the
             streaming loaders (tests feed identical global batches to different layouts).
         keep_state: return this rank's final parameters in ``TrainResult.state``.
+        faults: test faults to inject (``moe_train.train.faults``); none by default.
     """
     from moe_train.data import build_train_loader, build_val_loader
 
@@ -392,7 +274,7 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
     try:
         topo = Topology(env.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
         groups = build_groups(topo, env.rank)
-        run = _Run(cfg, env, device, groups, plan)
+        run = _Run(cfg, env, device, groups, plan, faults)
         run.determinism = det
         if loaders is None:
             def loaders(rank, world):
@@ -406,7 +288,7 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
             dist.destroy_process_group()
 
 
-def _report_skip(run: _Run, state: ckpt.TrainState, in_a_row: int, last_saved) -> None:
+def _report_skip(run: _Run, state: TrainState, in_a_row: int, last_saved) -> None:
     """Warns about a skipped step; too many in a row end the run naming the step."""
     limit = run.cfg.train.max_skipped_in_a_row
     run.print(f"WARNING: step {state.step}: non-finite loss or gradient; step skipped "
@@ -417,20 +299,20 @@ def _report_skip(run: _Run, state: ckpt.TrainState, in_a_row: int, last_saved) -
                            f"the non-finite state; the last checkpoint is {last_saved or 'none from this run'}")
 
 
-def _resume_source(run: _Run, resume: str) -> Optional[reshard.ResumeSource]:
-    """Rank 0 chooses the checkpoint and how to load it (``reshard.choose_resume``);
+def _resume_source(run: _Run, resume: str) -> Optional[resume_choice.ResumeSource]:
+    """Rank 0 chooses the checkpoint and how to load it (``resume_choice.choose_resume``);
     every rank gets the choice, or raises rank 0's refusal (none waits for a rank that
     failed)."""
     choice = None
     if run.env.rank == 0:
         try:
-            choice = reshard.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
+            choice = resume_choice.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
                                              config_to_dict(run.cfg))
-        except ckpt.CheckpointError as err:
+        except CheckpointError as err:
             choice = str(err)
     choice = _broadcast_choice(choice, run.env)
     if isinstance(choice, str):
-        raise ckpt.CheckpointError(choice)
+        raise CheckpointError(choice)
     return choice
 
 
@@ -442,18 +324,18 @@ def _setup(run: _Run, resume: str, loaders):
     model = build_model(cfg, groups, device)
     loaded = None
     if source is not None:
-        ckpt.check_compatible(ckpt.read_meta(source.path), config_to_dict(cfg), source.path)
+        resume_choice.check_compatible(read_meta(source.path), config_to_dict(cfg), source.path)
         if source.kind == "canonical":  # any layout: the fp32 masters become the weights
             loaded = canonical.load(source.path, model, groups)
             canonical.apply_to_model(model, loaded)
         else:
-            ckpt.load_model_weights(source.path, model, groups.topology, env.rank)
+            load_model_weights(source.path, model, groups.topology, env.rank)
     engine = build_engine(cfg, model, groups)
     run.routing = RoutingMonitor(engine.module, run.layer_ids, cfg.logging.dead_expert_steps,
                                  cfg.logging.max_drop_frac)  # [routing]
     loader, val_loader = loaders(env.rank, env.world_size)
     check_vocab_fits(cfg, loader.manifest["vocab_size"])
-    state = ckpt.TrainState()
+    state = TrainState()
     seed_everything(cfg.train.seed, env.rank)
     if source is not None:
         _restore(run, source, engine, loader, state, loaded)
@@ -475,13 +357,10 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
         while state.step < cfg.train.max_steps:
             state.step += 1
             PHASE.enter("data loading", state.step)
-            if _fault("stop", state.step, env.rank):  # as if a signal reached this rank now
-                stop.request("fault injection")
-            if _fault("hang", state.step, env.rank):  # as if this rank's peer never answered
-                time.sleep(10 ** 6)
+            run.faults.before_step(state.step, env.rank, stop)
             if limit.due():
                 stop.request(f"Slurm time limit in {cfg.train.exit_before_time_limit_min} min")
-            out = train_step(engine, batches, cfg, groups, device, state.step, stop)
+            out = train_step(engine, batches, cfg, groups, device, state.step, stop, run.faults)
             state.tokens_seen += run.plan.tokens_per_step
             run.timer.tick(run.plan.tokens_per_step)
             in_a_row = in_a_row + 1 if out.skipped else 0
@@ -503,9 +382,10 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
                                        f"{'; '.join(run.routing.alarms)}; checkpoint {saved or 'NOT written'}")
             if val_loader is not None and state.step % cfg.train.eval_every == 0:
                 PHASE.enter("evaluation")
-                scores = evaluate(engine, val_loader, cfg, groups, device)
-                run.writer.scalars(state.step, scores)
-                run.print(f"eval step {state.step}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f}")
+                scores = evaluate(engine.module, val_loader, max_batches=cfg.train.eval_steps, group=groups.dp,
+                                  device=device)
+                run.writer.scalars(state.step, scores.scalars())
+                run.print(f"eval step {state.step}: loss {scores.loss:.4f} ppl {scores.ppl:.2f}")
                 run.timer.restart()
             last = out.stop or state.step == cfg.train.max_steps
             every, canonical_every = cfg.checkpoint.every_steps, cfg.checkpoint.canonical_every_steps

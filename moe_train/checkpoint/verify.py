@@ -1,0 +1,30 @@
+"""Verifying a checkpoint against its manifest without a model: ``moe-train ckpt verify``,
+``--resume PATH`` (which refuses a checkpoint that fails) and ``--resume auto`` (which
+skips it for the newest one that passes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import moe_train.checkpoint.canonical as canonical
+import moe_train.checkpoint.manifest as mf
+from moe_train.checkpoint.engine_format import load_file
+from moe_train.checkpoint.state import read_meta
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """Every problem of the checkpoint at ``path`` against its manifest (empty: it is
+    sound): meta.json unreadable or not complete, a file missing, truncated or corrupted,
+    a tensor missing, extra, reshaped or corrupted. Reads every file; needs no model."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None:
+        return [f"{path}: no readable meta.json (not a checkpoint, or a save that never finished)"]
+    if not meta.get("complete"):
+        return [f"{path}: meta.json does not mark the checkpoint complete"]
+    if "manifest" not in meta:
+        return [f"{path}: no manifest (written before checkpoint format 2); it cannot be verified"]
+    if meta.get("kind") == canonical.KIND:
+        return canonical.verify(path)
+    present = [p.name for p in path.iterdir() if p.is_file()]
+    return mf.verify_files(path, meta["manifest"], load_file, present)
