@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU should run, in one call (the device tool gives ~15
 # minutes including the machine's start): the GPU tests, then the bf16 benchmarks.
-# Results land in ${OUT:-gpu_results}/ (JSON and logs); paste the tables into the README.
+# Results land in ${OUT:-gpu_results}/ (JSON and logs); paste the tables into docs/benchmarks.md.
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

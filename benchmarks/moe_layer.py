@@ -126,7 +126,7 @@ def ours_step(tokens: int, d_model: int, d_ff: int, num_experts: int,
     """fwd + bwd of our MoELayer (k = 1, cf = 1.25, GELU) on x_TD's device and dtype (CPU
     fp32 when x_TD is None); None if the layer is missing."""
     try:
-        from moe_train.config import MoEConfig
+        from moe_train.moe.config import MoEConfig
         from moe_train.moe.layer import MoELayer
     except ImportError as err:
         print(f"ours: layer not available ({err})")
@@ -236,7 +236,7 @@ def _dispatch_worker(rank: int, world: int, port: int, reps: int, queue) -> None
     """One of the two gloo ranks of --parts dispatch; rank 0 puts the rows on ``queue``."""
     import torch.distributed as dist
 
-    from moe_train.config import MoEConfig
+    from moe_train.moe.config import MoEConfig
     from moe_train.moe.layer import MoELayer
 
     torch.set_num_threads(1)
@@ -316,7 +316,7 @@ def print_dispatch(rows: list[dict]) -> None:
 def run_shared(reps: int) -> dict:
     """--parts shared: the routed layer with and without a shared expert, and the plain
     FFN of the shared width (the dense roof of the shared part), one process."""
-    from moe_train.config import MoEConfig
+    from moe_train.moe.config import MoEConfig
     from moe_train.moe.layer import MoELayer
 
     T, D, F, E, k, Fs = SHARED_CASE

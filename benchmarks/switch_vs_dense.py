@@ -143,13 +143,13 @@ def time_steps(names: list[str], args: argparse.Namespace, manifest: Path, work:
     import torch.distributed as dist
 
     from moe_train.config import load_config
-    from moe_train.train.control import StopRequest
     from moe_train.data import build_train_loader
-    from moe_train.train.engine import build_engine
+    from moe_train.model.build import build_model
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.init import init_distributed
     from moe_train.parallel.topology import Topology
-    from moe_train.model.build import build_model
+    from moe_train.train.control import StopRequest
+    from moe_train.train.engine import build_engine
     from moe_train.train.step import train_step
 
     torch.set_num_threads(args.threads)

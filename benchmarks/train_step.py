@@ -197,8 +197,8 @@ def _drop_frac(out) -> float:
 
 def time_config(name: str, args, device, groups) -> dict:
     """Part 1 for one config: builds both engines, times them, returns the row."""
-    from moe_train.train.engine import build_engine
     from moe_train.model.build import build_model
+    from moe_train.train.engine import build_engine
 
     cfg = bench_config(name, dtype=args.dtype, capacity_factor=args.capacity_factor)
     torch.manual_seed(cfg.train.seed)
@@ -230,11 +230,11 @@ def run_timing(args, names: list[str]) -> tuple[list[dict], Optional[float]]:
     peak FLOP/s MFU divides by."""
     import torch.distributed as dist
 
-    from moe_train.train.metrics import measure_peak_flops
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.init import init_distributed
     from moe_train.parallel.topology import Topology
     from moe_train.train.engine import DTYPES
+    from moe_train.train.metrics import measure_peak_flops
 
     env, device = init_distributed(args.device, "auto", 600, always_group=True)
     try:
@@ -300,13 +300,13 @@ def _memory_stages(rank: int, world: int, names: list[str], dtype: str) -> dict:
 
     import torch.distributed as dist
 
-    from moe_train.train.engine import build_engine
+    from moe_train.model.build import build_model
     from moe_train.model.sizing import memory_estimate
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.init import init_distributed
     from moe_train.parallel.topology import Topology
-    from moe_train.model.build import build_model
     from moe_train.train.control import StopRequest
+    from moe_train.train.engine import build_engine
     from moe_train.train.step import train_step
 
     env, device = init_distributed("cpu", "gloo", 300, always_group=True)

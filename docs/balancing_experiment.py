@@ -42,7 +42,6 @@ RUNS = {
 }
 
 
-
 def train(name: str, manifest: Path, runs: Path, steps: int, eval_every: int, rate: float,
           launcher: str, seed) -> None:
     sets = [s.format(rate=rate) for s in RUNS[name]] + ([f"train.seed={seed}"] if seed is not None else []) + [

@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO))
 from benchmarks.experiments import prepare_demo_data, run_command as run  # noqa: E402
 
 
-
 def train(manifest: Path, out: Path, steps: int, launcher: str, nproc: int) -> tuple[Path, str]:
     """Trains the demo model; returns its checkpoint.dir and the command."""
     args = ["--config", "configs/tiny_switch.yaml", "--resume", "none"]
@@ -66,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from benchmarks.results import update_json_section
+    from moe_train.inference import load_for_inference
     from moe_train.transform import prune_checkpoint, quantize_checkpoint
     from moe_train.transform.report import snapshot, with_data
-    from moe_train.inference import load_for_inference
 
     work = Path(args.work)
     manifest = prepare_demo_data(Path(args.data), args.corpus)[0]

@@ -78,8 +78,6 @@ def run(cmd: list[str], log: Path | None = None) -> None:
         raise SystemExit(f"{cmd[3] if len(cmd) > 3 else cmd}: exit status {rc}; the whole log is {log}")
 
 
-
-
 def overrides(seq_len: int, manifest: Path, out: Path, steps: int, scaling: str = "none",
               original: int | None = None) -> list[str]:
     sets = ["model.position=rope", f"model.max_seq_len={seq_len}", f"data.seq_len={seq_len}",

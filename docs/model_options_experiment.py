@@ -48,7 +48,6 @@ RUNS = {
 }
 
 
-
 def overrides(name: str, manifest: Path, runs: Path, steps: int) -> list[str]:
     return RUNS[name] + [
         f"data.manifest={manifest}", f"train.max_steps={steps}", f"train.eval_every={steps}",

@@ -46,10 +46,6 @@ UPCYCLE = ["model.moe_every=2", "moe.num_experts=8", "moe.top_k=2", "moe.normali
            "moe.capacity_factor=null", "moe.eval_capacity_factor=null"]
 
 
-
-
-
-
 def train(config: Path, sets: list[str], launcher: str, resume: str = "auto") -> None:
     args = ["--config", str(config), "--resume", resume]
     for s in sets:

@@ -4,12 +4,14 @@ A run is described by a YAML file with the sections below. Every key is typed an
 checked; an unknown key, a wrong type or a bad value raises ``ValueError`` naming the
 dotted key and the value, e.g. ``moe.top_k = 9: must be <= moe.num_experts (8)``.
 
-    cfg = load_config("configs/tiny.yaml", overrides=["moe.top_k=2"])
+    cfg = load_config("configs/tiny_moe.yaml", overrides=["moe.top_k=2"])
     validate(cfg, world_size=4)          # cross-section checks needing the world size
     ds = deepspeed_config(cfg, world_size=4)
 
 Components take their own section only (``MoELayer(cfg.moe, ...)``), never the whole
-config object.
+config object. The sections with a package of their own live there (``model/config.py``,
+``moe/config.py``, ``data/config.py``); this file composes them with the run's own
+sections (parallel, optim, train, checkpoint, logging) and imports nothing above them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ match a single-process computation of the same global batch."""
 import torch
 import torch.distributed as dist
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.layer import MoELayer
 from moe_train.parallel.groups import build_groups
 from moe_train.parallel.init import init_distributed

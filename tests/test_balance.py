@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.train.metrics import RoutingMonitor
 from moe_train.model.transformer import MoETransformer
 from moe_train.moe.balance import bias_delta, maxvio, update_selection_biases
 from moe_train.moe.layer import MoELayer
+from moe_train.train.metrics import RoutingMonitor
 
 
 def test_bias_delta_golden_numbers():

@@ -10,13 +10,13 @@ import torch
 from engine_harness import make_cfg, run_train
 import moe_train.checkpoint as ckpt
 from moe_train.cli import main
-from moe_train.transform.prune import experts_to_keep, kept_experts, magnitude_prune
-from moe_train.inference.int8 import Int8GroupedExperts, Int8Linear, dequantize_int8, quantize_int8
-from moe_train.transform.report import model_bytes
 from moe_train.config import config_to_dict, load_config
 from moe_train.data.synthetic import write_synthetic_dataset
 from moe_train.inference import load_for_inference, sample_tokens
+from moe_train.inference.int8 import Int8GroupedExperts, Int8Linear, dequantize_int8, quantize_int8
 from moe_train.model.transformer import MoETransformer
+from moe_train.transform.prune import experts_to_keep, kept_experts, magnitude_prune
+from moe_train.transform.report import model_bytes
 
 # Block 0 dense, blocks 1-2 MoE (6 experts, top-2, renormalised gates, a selection bias,
 # a gated shared expert), dropless evaluation so no capacity differs after pruning.

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from moe_train.train import control
 from moe_train.parallel.launch import build_command, trainer_pids
+from moe_train.train import control
 
 
 def test_time_limit_asks_for_a_stop_n_minutes_before_the_end():

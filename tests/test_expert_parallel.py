@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.layer import MoELayer
 from moe_train.parallel.groups import build_groups
 from moe_train.parallel.topology import Topology

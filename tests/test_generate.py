@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import moe_train.checkpoint.manifest as manifest
 from moe_train.checkpoint import TrainState, save_checkpoint
+import moe_train.checkpoint.manifest as manifest
 from moe_train.config import config_to_dict, load_config
 from moe_train.data.tokenizer import Tokenizer, train_tokenizer
 from moe_train.inference.generate import decode_with_breaks, filter_top_p, generate_text, sample_tokens, unescape

@@ -21,10 +21,10 @@ from moe_train.checkpoint import TrainState, save_model_checkpoint  # noqa: E402
 from moe_train.cli import main  # noqa: E402
 from moe_train.config import config_from_dict, config_to_dict, load_config  # noqa: E402
 from moe_train.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from moe_train.inference import load_for_inference, sample_tokens  # noqa: E402
 from moe_train.hf import mapping  # noqa: E402
 from moe_train.hf.export import export_hf  # noqa: E402
 from moe_train.hf.importer import import_hf  # noqa: E402
+from moe_train.inference import load_for_inference, sample_tokens  # noqa: E402
 from moe_train.model.transformer import MoETransformer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")

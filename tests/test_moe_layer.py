@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.layer import MoELayer
 from moe_train.moe.losses import total_loss
 from moe_train.moe.reference import reference_moe

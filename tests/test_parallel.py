@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.layer import MoELayer
 from moe_train.parallel.grads import allreduce_gradients, clip_grad_norm_, global_grad_norm
 from moe_train.parallel.groups import build_groups

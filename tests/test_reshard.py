@@ -21,9 +21,9 @@ import torch
 
 from dist_utils import run_ranks
 from engine_harness import GlobalBatchLoader, make_cfg
+import moe_train.checkpoint as ckpt
 import moe_train.checkpoint.canonical as canonical
 import moe_train.checkpoint.resume as resume_choice
-import moe_train.checkpoint as ckpt
 from moe_train.config import config_from_dict, config_to_dict
 from moe_train.data.synthetic import sample_id, write_synthetic_dataset
 
@@ -75,10 +75,10 @@ def _train_worker(rank, world, raw_cfg, resume):
 def _engine_from_canonical(cfg, src, rank, world):
     """Model, engine and the canonical state of ``src`` loaded at this layout (the
     library calls ``train`` makes, without the loop)."""
-    from moe_train.train.engine import build_engine
+    from moe_train.model.build import build_model
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.topology import Topology
-    from moe_train.model.build import build_model
+    from moe_train.train.engine import build_engine
 
     groups = build_groups(Topology(world, cfg.parallel.expert_parallel_size, cfg.moe.num_experts), rank)
     model = build_model(cfg, groups, torch.device("cpu"))
@@ -94,8 +94,8 @@ def _one_engine_step(engine, cfg):
     used, by name; the learning rate)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from moe_train.train.engine import set_lr
     from moe_train.moe.losses import total_loss
+    from moe_train.train.engine import set_lr
 
     tokens = GlobalBatchLoader(0, 1, 8, 1, cfg.data.seq_len, cfg.model.vocab_size, seed=5)._global_batch(0)
     ds = engine.ds
@@ -220,8 +220,8 @@ def test_plain_adamw_from_the_canonical_state_steps_to_the_engine_masters(straig
     """torch.optim.AdamW with the canonical masters, moments and step, the engine's
     weight-decay groups and the gradients the engine used: one step gives, bitwise, the
     masters the engine (ZeRO 2, flat partitions) wrote after its step."""
-    from moe_train.train.engine import optimizer_param_groups
     from moe_train.model.transformer import MoETransformer
+    from moe_train.train.engine import optimizer_param_groups
 
     written, out = _resumed(straight, (1, 1, 2))
     before, after = straight["state"], canonical.read_all(written.parent / "after_step" / canonical.DIRNAME)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.router import Router, expert_capacity, rank_within_expert, topk_ties_low
 from moe_train.parallel.topology import Topology
 

@@ -17,11 +17,11 @@ import torch
 from engine_harness import make_cfg, run_train
 import moe_train.checkpoint as ckpt
 from moe_train.config import ModelConfig, MoEConfig
-from moe_train.train.metrics import RoutingMonitor
 from moe_train.model.sizing import forward_flops_per_token, layer_owners, param_counts
 from moe_train.model.transformer import MoETransformer
 from moe_train.moe.balance import moe_layers, update_selection_biases
 from moe_train.parallel.topology import Topology
+from moe_train.train.metrics import RoutingMonitor
 
 
 def small(**kw) -> ModelConfig:

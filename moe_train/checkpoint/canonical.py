@@ -76,16 +76,6 @@ DIRNAME = CANONICAL_DIRNAME
 KIND = "canonical"
 
 
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------ gathering
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import moe_train.checkpoint.canonical as canonical
-import moe_train.checkpoint.manifest as mf
 from moe_train.checkpoint.engine_format import load_file
+import moe_train.checkpoint.manifest as mf
 from moe_train.checkpoint.state import read_meta
 
 

@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-import moe_train.checkpoint.manifest as mf
 from moe_train.checkpoint.engine_format import split_state
+import moe_train.checkpoint.manifest as mf
 from moe_train.checkpoint.state import CheckpointError, TrainState, publish, step_dir_name
 from moe_train.parallel.topology import Topology
 

@@ -45,8 +45,8 @@ from typing import Iterator, Optional
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
-import moe_train.data.plan as plan
 from moe_train.data.config import DataConfig
+import moe_train.data.plan as plan
 from moe_train.data.reader import BlockDataset, SourceInfo, WorkerSpec, make_batch
 from moe_train.data.shards import check_url, load_manifest
 

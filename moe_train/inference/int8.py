@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from moe_train.checkpoint.state import CheckpointError
 from moe_train.checkpoint.weights import QUANTIZATION_FILE
-from moe_train.moe.experts import GroupedExperts
+from moe_train.moe.experts import GroupedExperts, expert_activation
 from moe_train.moe.layer import mark_expert_params
 from moe_train.moe.shared import SharedExpert
 
@@ -172,8 +172,6 @@ class Int8SharedExpert(SharedExpert):
         self.w_gate_D = shared.w_gate_D
 
     def ffn(self, x_TD: Tensor) -> Tensor:
-        from moe_train.moe.experts import expert_activation
-
         w1, w2, w3 = (None if getattr(self, q) is None else dequantize_int8(getattr(self, q), getattr(self, s), x_TD.dtype)
                       for _, q, s in _SHARED_WEIGHTS)
         g_TF = x_TD @ w3 if w3 is not None else None

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe_train.moe.balance import RoutingTally
 from moe_train.moe.config import MoEConfig
 from moe_train.moe.dispatcher import Dispatcher
 from moe_train.moe.experts import GroupedExperts
-from moe_train.moe.balance import RoutingTally
 from moe_train.moe.router import Router
 from moe_train.moe.shared import SharedExpert
 from moe_train.moe.stats import MoEStats

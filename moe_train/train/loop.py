@@ -28,20 +28,22 @@ import torch
 import torch.distributed as dist
 
 import moe_train.checkpoint.canonical as canonical
-import moe_train.checkpoint.resume as resume_choice
 from moe_train.checkpoint.engine_format import load_model_weights, load_rank_state, save_checkpoint
 from moe_train.checkpoint.optimizer_state import load_optimizer_state
+import moe_train.checkpoint.resume as resume_choice
 from moe_train.checkpoint.rng import reseed, set_rng_state
 from moe_train.checkpoint.state import CheckpointError, TrainState, read_meta
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
+from moe_train.data import build_train_loader, build_val_loader
 from moe_train.model.build import build_model
+from moe_train.model.sizing import flops_per_token, human_count, param_counts
 from moe_train.moe.balance import update_selection_biases
 from moe_train.parallel.groups import ParallelGroups, build_groups
 from moe_train.parallel.init import DistEnv, discover, init_distributed
 from moe_train.parallel.phase import PHASE, Watchdog
 from moe_train.parallel.topology import Topology
-import moe_train.train.determinism as determinism
 from moe_train.train.control import StopRequest, TimeLimit, install_stop_signals, slurm_job_end
+import moe_train.train.determinism as determinism
 from moe_train.train.engine import DTYPES, Engine, build_engine
 from moe_train.train.evaluate import evaluate
 from moe_train.train.faults import NO_FAULTS, Faults
@@ -78,8 +80,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + 1000003 * rank)
 
 
-
-
 def _broadcast_choice(value, env: DistEnv):
     """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
     if env.world_size == 1:
@@ -96,8 +96,6 @@ def _endless(loader) -> Iterator[dict]:
 
 def startup_report(cfg: Config, env: DistEnv, topo: Topology, engine: Engine, device,
                    resumed: Optional[Path]) -> str:
-    from moe_train.model.sizing import human_count, param_counts
-
     counts = param_counts(cfg.model, cfg.moe)
     lines = [f"# launch: ranks from the {env.source} environment; rendezvous "
              f"{os.environ.get('MASTER_ADDR', env.master_addr)}:{os.environ.get('MASTER_PORT', env.master_port)}",
@@ -110,10 +108,6 @@ def startup_report(cfg: Config, env: DistEnv, topo: Topology, engine: Engine, de
              "# deepspeed config", str(engine.ds_config),
              f"# resume: {resumed if resumed else 'fresh start'}"]
     return "\n".join(lines)
-
-
-
-
 
 
 # -------------------------------------------------------------------------- run
@@ -129,19 +123,13 @@ class _Run:
         self.writer = MetricsWriter(cfg.logging.dir if cfg.logging.tensorboard else None, env.rank == 0)
         self.timer = StepTimer()
         self.layer_ids = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
-        self.flops_per_token = _flops_per_token(cfg)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
         self.peak_flops = None
         self.determinism = determinism.Determinism(False)
 
     def print(self, text: str) -> None:
         if self.rank == 0:
             print(text, flush=True)
-
-
-def _flops_per_token(cfg: Config) -> float:
-    from moe_train.model.sizing import flops_per_token
-
-    return flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
 
 
 def _log_step(run: _Run, step: int, out: StepOut, lr: float, state: TrainState) -> None:
@@ -258,8 +246,6 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
         keep_state: return this rank's final parameters in ``TrainResult.state``.
         faults: test faults to inject (``moe_train.train.faults``); none by default.
     """
-    from moe_train.data import build_train_loader, build_val_loader
-
     stop = stop or StopRequest()
     env = discover()
     plan = validate(cfg, env.world_size)  # a bad config fails here, before any process group

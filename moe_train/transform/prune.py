@@ -58,7 +58,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-import moe_train.transform.report as report
 from moe_train.checkpoint.state import TrainState
 from moe_train.checkpoint.weights import save_model_checkpoint
 from moe_train.config import config_from_dict, config_to_dict, dump_config
@@ -67,6 +66,7 @@ from moe_train.inference.load import load_for_inference
 from moe_train.model.transformer import MoETransformer
 from moe_train.moe.layer import MoELayer
 from moe_train.moe.shared import SharedExpert
+import moe_train.transform.report as report
 
 
 def measure_expert_load(loaded, eval_batches: int) -> tuple[float, int, dict[str, Tensor]]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-import moe_train.transform.report as report
 from moe_train.checkpoint.engine_format import split_state
 from moe_train.checkpoint.state import TrainState
 from moe_train.checkpoint.weights import QUANTIZATION_FILE, save_weights_checkpoint
 from moe_train.config import config_to_dict
 from moe_train.inference.int8 import SCHEME, tied_head, quantize_model, read_record
 from moe_train.inference.load import load_for_inference
+import moe_train.transform.report as report
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, dynamic: bool = False,

@@ -3,7 +3,7 @@ printed by ``pytest -ra``, where no CUDA device is visible, so the suite collect
 CPU-only machines too and they cannot rot unnoticed.
 
   engine step   init_distributed(device auto) picks CUDA + NCCL; one bf16 DeepSpeed step
-                through moe_train.train.train_step on configs/tiny_moe.yaml (ep 1) with
+                through moe_train.train.step.train_step on configs/tiny_moe.yaml (ep 1) with
                 synthetic tokens: finite loss, parameters move, held in bf16.
   autocast      the MoE layer under bf16 autocast against the same layer in fp32: same
                 routing, outputs close, router logits in fp32 (a dtype check); and
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_train.config import MoEConfig
+from moe_train.moe.config import MoEConfig
 from moe_train.moe.experts import GroupedExperts
 from moe_train.moe.layer import MoELayer
 
@@ -49,12 +49,12 @@ def engine_step_worker(device: str = "auto", steps: int = 2) -> dict:
     import torch.distributed as dist
 
     from moe_train.config import load_config
-    from moe_train.train.engine import build_engine
+    from moe_train.model.build import build_model
     from moe_train.parallel.groups import build_groups
     from moe_train.parallel.init import init_distributed
     from moe_train.parallel.topology import Topology
-    from moe_train.model.build import build_model
     from moe_train.train.control import StopRequest
+    from moe_train.train.engine import build_engine
     from moe_train.train.loop import seed_everything
     from moe_train.train.step import train_step
 
