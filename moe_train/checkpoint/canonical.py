@@ -258,7 +258,7 @@ def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     raise CheckpointError(f"canonical checkpoint of step {step} failed: {'; '.join(errors)}. "
-                               f"Nothing was published; the engine checkpoint {tmp.parent} is intact")
+                          f"Nothing was published; the engine checkpoint {tmp.parent} is intact")
 
 
 def _publish(tmp: Path, final: Path, state: TrainState, topo, config: dict, records: dict,

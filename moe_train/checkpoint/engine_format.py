@@ -101,9 +101,9 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
             entries.update(mf.write_listed(tmp, "model_dense.pt", dense))
         if rank < topo.ep_size:  # the first EP group holds every expert once
             entries.update(mf.write_listed(tmp, f"experts_ep{rank:03d}.pt",
-                                         {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
+                                           {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
         entries.update(mf.write_listed(tmp, f"rank{rank:05d}.pt",
-                                     {"optimizer": optimizer_state(optimizer), "rng": rng_state()}))
+                                       {"optimizer": optimizer_state(optimizer), "rng": rng_state()}))
         if fault_hook is not None:
             fault_hook("save", tmp)
     except OSError as err:
@@ -114,7 +114,7 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
     if rank == 0:
         try:
             publish(root, tmp, final, state, topo, config, keep_last,
-                     manifest=mf.build_manifest({k: v for part in listed for k, v in part.items()}))
+                    manifest=mf.build_manifest({k: v for part in listed for k, v in part.items()}))
         except OSError as err:
             error = f"rank 0: publishing {final} failed: {err}"
     _check(agree(error, world), state.step, root, tmp, rank)

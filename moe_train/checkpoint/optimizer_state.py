@@ -90,11 +90,11 @@ class OptimizerView:
             self.master_of = {id(p): p for g in optimizer.param_groups for p in g["params"]}
         else:
             raise CheckpointError(f"canonical checkpoint: the optimizer {type(optimizer).__name__} is not "
-                                       f"one moe_train knows (ZeRO 0/1/2 around torch AdamW)")
+                                  f"one moe_train knows (ZeRO 0/1/2 around torch AdamW)")
         self.base = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
         if not isinstance(self.base, (torch.optim.AdamW, torch.optim.Adam)):
             raise CheckpointError(f"canonical checkpoint: the base optimizer is {type(self.base).__name__}; "
-                                       f"only Adam/AdamW state (exp_avg, exp_avg_sq, step) is stored")
+                                  f"only Adam/AdamW state (exp_avg, exp_avg_sq, step) is stored")
         if any(g.get("amsgrad") for g in self.base.param_groups):
             raise CheckpointError("canonical checkpoint: amsgrad keeps a third moment, which is not stored")
         if self.kind == "flat":
@@ -167,7 +167,7 @@ class OptimizerView:
         for slot, values in by_slot.values():
             if len(values) > 1:
                 raise CheckpointError(f"canonical checkpoint: parameters sharing one ZeRO partition have "
-                                           f"different AdamW step counts {sorted(values)}")
+                                      f"different AdamW step counts {sorted(values)}")
             old = self.base.state[slot]["step"]
             self.base.state[slot]["step"] = torch.full_like(old, values.pop()) if torch.is_tensor(old) \
                 else values.pop()

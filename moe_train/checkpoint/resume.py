@@ -103,8 +103,11 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
 
 
 def same_layout(meta: dict, topo: Topology, config: dict) -> bool:
+    """Whether an engine checkpoint was saved at this layout (world size, ep, ZeRO stage,
+    dtype): only then can its ZeRO partitions be read back."""
     saved_topo, saved_cfg = meta["topology"], meta.get("config", {})
-    return (not meta.get("weights_only") and saved_topo["world_size"] == topo.world_size and saved_topo["ep_size"] == topo.ep_size
+    return (not meta.get("weights_only") and saved_topo["world_size"] == topo.world_size
+            and saved_topo["ep_size"] == topo.ep_size
             and saved_cfg.get("parallel", {}).get("zero_stage") == config["parallel"]["zero_stage"]
             and saved_cfg.get("train", {}).get("dtype") == config["train"]["dtype"])
 
@@ -158,8 +161,8 @@ def choose_resume(root: str | Path, resume: str, topo, config: dict) -> Optional
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise CheckpointError(f"{canonical_dir} is needed to resume {path} on another layout but fails "
-                                       f"verification: {problems[0]}{more}; rewrite it with "
-                                       f"`moe-train ckpt canonical {path}`")
+                                  f"verification: {problems[0]}{more}; rewrite it with "
+                                  f"`moe-train ckpt canonical {path}`")
         return ResumeSource("canonical", canonical_dir)
     if config.get("checkpoint", {}).get("fresh_optimizer_on_new_layout"):
         return ResumeSource("fresh_optimizer", path)

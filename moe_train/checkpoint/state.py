@@ -98,6 +98,8 @@ def provenance() -> dict:
 
 
 def write_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path``, flushed to disk before it returns (every checkpoint file
+    goes through here: ``manifest.write_listed``)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -105,6 +107,7 @@ def write_torch(path: Path, obj: Any) -> None:
 
 
 def gather(obj: Any, world: int) -> list:
+    """Every rank's ``obj`` in rank order; a collective (every rank calls it)."""
     if world == 1:
         return [obj]
     out: list = [None] * world
@@ -122,7 +125,10 @@ def agree(error: Optional[str], world: int) -> list[Optional[str]]:
 
 
 def publish(root: Path, tmp: Path, final: Path, state: TrainState, topo: Topology,
-             config: dict, keep_last: int, manifest: dict, extra: Optional[dict] = None) -> None:
+            config: dict, keep_last: int, manifest: dict, extra: Optional[dict] = None) -> None:
+    """Rank 0's last act of a save: ``meta.json`` (with provenance and the manifest) into
+    ``tmp``, ``tmp`` renamed to ``final``, ``latest`` pointed at it by a rename, then the
+    older checkpoints pruned (module docstring)."""
     files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     meta = {"format": FORMAT_VERSION, "complete": True, "step": state.step, **(extra or {}),
             "tokens_seen": state.tokens_seen, "train_state": asdict(state),

@@ -54,7 +54,7 @@ def save_weights_checkpoint(root: str | Path, *, dense: dict, experts: dict, num
         for file_name, obj in (extra_files or {}).items():
             entries.update(mf.write_listed(tmp, file_name, obj))
         publish(root, tmp, final, state, Topology(1, 1, num_experts), config, keep_last=10 ** 9,
-                 manifest=mf.build_manifest(entries), extra={"weights_only": True, "origin": origin})
+                manifest=mf.build_manifest(entries), extra={"weights_only": True, "origin": origin})
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"writing the checkpoint {final} failed: {err}; nothing was published") from err

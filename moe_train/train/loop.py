@@ -178,8 +178,8 @@ def _save(run: _Run, engine: Engine, state: TrainState, loader, with_canonical: 
     state.loader_states = states
     try:
         path = save_checkpoint(cfg.checkpoint.dir, model=engine.module, optimizer=engine.optimizer,
-                                    state=state, topo=run.groups.topology, rank=run.rank,
-                                    config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
+                               state=state, topo=run.groups.topology, rank=run.rank,
+                               config=config_to_dict(cfg), keep_last=cfg.checkpoint.keep_last,
                                fault_hook=run.faults.save_hook(state.step, run.rank))
     except CheckpointError as err:
         run.print(f"ERROR: {err}")
@@ -293,7 +293,7 @@ def _resume_source(run: _Run, resume: str) -> Optional[resume_choice.ResumeSourc
     if run.env.rank == 0:
         try:
             choice = resume_choice.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
-                                             config_to_dict(run.cfg))
+                                                 config_to_dict(run.cfg))
         except CheckpointError as err:
             choice = str(err)
     choice = _broadcast_choice(choice, run.env)
