@@ -75,3 +75,19 @@ def test_trainer_pids_finds_only_the_top_most_ranked_descendants():
     finally:
         os.killpg(root.pid, 9)
         root.wait()
+
+
+def test_faults_seam_parses_targets_and_refuses_a_malformed_spec():
+    from moe_train.train.faults import NO_FAULTS, Faults
+
+    faults = Faults.from_env({"MOE_TRAIN_FAULT": "nan_loss@5, hang@12:1"})
+    assert faults.at("nan_loss", 5, 0) and faults.at("nan_loss", 5, 3)  # no rank: every rank
+    assert faults.at("hang", 12, 1) and not faults.at("hang", 12, 0) and not faults.at("hang", 11, 1)
+    assert faults.loss(2.0, 4, 0) == 2.0 and faults.loss(2.0, 5, 0) != faults.loss(2.0, 5, 0)  # NaN
+    stop = control.StopRequest()
+    Faults("stop@3").before_step(3, 0, stop)
+    assert stop.requested and stop.reason == "fault injection"
+    assert not NO_FAULTS and not Faults.from_env({}) and NO_FAULTS.save_hook(10, 0) is None
+    assert Faults("kill_in_save@10:0").save_hook(10, 0) is not None
+    with pytest.raises(ValueError, match=r"MOE_TRAIN_FAULT: 'nan@x': expected kind@step\[:rank\]"):
+        Faults("nan@x")
