@@ -27,7 +27,7 @@ TINY = {
     "data": {"seq_len": 16, "micro_batch_size": 4, "num_workers": 0},
     "train": {"grad_accum_steps": 1, "max_steps": 10, "seed": 7},
     "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0},
-    "logging": {"every_steps": 5, "tensorboard": False, "peak_flops": 1e11},
+    "logging": {"every_steps": 5, "tensorboard": False},
 }
 
 

@@ -139,7 +139,7 @@ def shards(tmp_path_factory):
 def train_args(shards: Path, run_dir: Path, steps=STEPS) -> list[str]:
     sets = {"data.manifest": shards, "parallel.device": "cpu", "train.max_steps": steps,
             "train.eval_every": 0, "checkpoint.every_steps": 0, "checkpoint.dir": run_dir / "ckpt",
-            "logging.dir": run_dir / "tb", "logging.every_steps": 1, "logging.peak_flops": 1e12}
+            "logging.dir": run_dir / "tb", "logging.every_steps": 1}
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 

@@ -52,8 +52,12 @@ def table_peak_flops(device_name: str, dtype: torch.dtype) -> Optional[float]:
 
 def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # Its own generator: the measurement runs after a resume restored the RNG state, and a
+    # draw from the global generator there would shift router jitter and dropout of every
+    # later step (the resumed run would no longer repeat the uninterrupted one).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up: kernel selection, caches, clocks
         a @ b
