@@ -1,4 +1,5 @@
-"""Shared data-test fixtures: a tiny synthetic corpus, one tokenizer, one shard set.
+"""Shared data-test fixtures: a tiny synthetic corpus, one tokenizer, one shard set, and
+a larger synthetic shard set for the default shuffle buffer.
 
 Built once per test session (cached in this module) and reused by the test_data_* files.
 """
@@ -25,6 +26,9 @@ WORDS = ("the a of model expert router token layer batch gradient loss data shar
 SYNTHETIC_COUNTS = [13, 7, 20, 3, 11, 9, 16]      # 7 uneven shards, 79 samples
 SYNTHETIC_VAL_COUNTS = (6, 5)
 SYNTHETIC_SEQ_LEN = 16
+# 10 uneven shards, 8,500 samples: with the default 1024-sample shuffle block, a worker
+# piece spans several blocks at 4, 3 or 2 ranks, so a re-split lands inside blocks.
+LARGE_COUNTS = [1100, 700, 1500, 300, 900, 1200, 600, 800, 1000, 400]
 
 _CACHE: dict = {}
 
@@ -88,3 +92,16 @@ def synthetic() -> SimpleNamespace:
                                               num_train=sum(SYNTHETIC_COUNTS),
                                               num_val=sum(SYNTHETIC_VAL_COUNTS))
     return _CACHE["synthetic"]
+
+
+@pytest.fixture(scope="session")
+def large_synthetic() -> SimpleNamespace:
+    """LARGE_COUNTS train shards (8,500 samples, ids in the tokens) for runs with the
+    default shuffle buffer."""
+    if "large_synthetic" not in _CACHE:
+        out = os.path.join(_root(), "large_synthetic")
+        manifest = write_synthetic_dataset(out, LARGE_COUNTS, SYNTHETIC_SEQ_LEN)
+        _CACHE["large_synthetic"] = SimpleNamespace(
+            out=out, manifest=manifest, manifest_path=os.path.join(out, "manifest.json"),
+            seq_len=SYNTHETIC_SEQ_LEN, num_train=sum(LARGE_COUNTS))
+    return _CACHE["large_synthetic"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from moe_train.data import DataConfig, build_train_loader, build_val_loader
+from moe_train.data import plan
 from moe_train.data.build import is_validation
 from moe_train.data.synthetic import sample_id
 from moe_train.data.tokenizer import Tokenizer
-from tests.data_fixtures import synthetic, tokenized  # noqa: F401  (fixtures)
+from tests.data_fixtures import large_synthetic, synthetic, tokenized  # noqa: F401  (fixtures)
 
 
 def synth_cfg(ds, **kw) -> DataConfig:
@@ -149,12 +150,15 @@ def test_state_is_torch_saveable(synthetic, tmp_path):
     assert torch.load(tmp_path / "s.pt", weights_only=True) == ld.state_dict()
 
 
-@pytest.mark.parametrize("new_world, shuffle_buffer", [(1, 8), (3, 8), (3, 0)])
-def test_resume_on_other_world_size_never_repeats(synthetic, caplog, new_world, shuffle_buffer):
+@pytest.mark.parametrize("new_world, shuffle_buffer, num_workers",
+                         [(1, 8, 0), (3, 8, 2), (3, 0, 0)])
+def test_resume_on_other_world_size_serves_the_rest_once(synthetic, caplog, new_world,
+                                                         shuffle_buffer, num_workers):
     cfg = synth_cfg(synthetic, shuffle_buffer=shuffle_buffer, micro_batch_size=2)
     old = [build_train_loader(cfg, r, 2) for r in range(2)]
     consumed = [i for ld in old for i in ids_of(take_batches(ld, 5))]
     state = old[0].state_dict()
+    cfg.num_workers = num_workers
     new = [build_train_loader(cfg, r, new_world) for r in range(new_world)]
     with caplog.at_level(logging.WARNING, logger="moe_train.data"):
         for ld in new:
@@ -165,12 +169,84 @@ def test_resume_on_other_world_size_never_repeats(synthetic, caplog, new_world, 
     flat = [i for r in rest for i in r]
     assert len(flat) == len(set(flat)) and not set(flat) & set(consumed)
     stats = new[0].stats()
-    skipped = stats["skipped_on_resplit"]
-    if shuffle_buffer == 0:
-        assert skipped == 0
-    lost = synthetic.num_train - len(consumed) - len(flat)
-    assert lost == skipped + stats["dropped_tail_samples"]
+    assert stats["skipped_on_resplit"] == 0
+    assert synthetic.num_train - len(consumed) - len(flat) == stats["dropped_tail_samples"]
     assert new[0].epoch == 1
+
+
+def test_resplits_4_2_3_serve_every_sample_once_with_default_shuffle(large_synthetic):
+    """The users' defaults (1024-sample shuffle blocks, 2 workers, carry): 4 ranks, then
+    2 (in-process reading), then 3 to the end of the epoch, each re-split in the middle
+    of shuffle blocks. The ledger of served ids plus the carried tail is the epoch, each
+    id exactly once."""
+    ds = large_synthetic
+    stages = [(4, {}, 100), (2, {"num_workers": 0}, 200), (3, {}, None)]  # None: epoch end
+    ledger, state = [], None
+    for generation, (world, overrides, steps) in enumerate(stages):
+        cfg = DataConfig(manifest=ds.manifest_path, seq_len=ds.seq_len, **overrides)
+        loaders = [build_train_loader(cfg, r, world) for r in range(world)]
+        if state is not None:
+            for ld in loaders:
+                ld.load_state_dict(state)
+            made_here = [p for p in loaders[0].state_dict()["resplit"]
+                         if plan.is_slice(p) and p["key"][2] == generation - 1]
+            assert made_here, "the re-split should cut shuffle blocks"
+        served = [take_batches(ld, steps) if steps else list(ld) for ld in loaders]
+        assert len({len(b) for b in served}) == 1 and (steps is None or len(served[0]) == steps)
+        ledger += [i for b in served for i in ids_of(b)]
+        states = [json.loads(json.dumps(ld.state_dict())) for ld in loaders]
+        assert all(s == states[0] for s in states)                # saving rank 0 is enough
+        state = states[0]
+        assert all(ld.stats()["skipped_on_resplit"] == 0 for ld in loaders)
+    assert state["epoch"] == 1
+    carried = plan.sample_ids(state["carry_in"])
+    assert 0 < len(carried) < 3 * cfg.micro_batch_size
+    assert sorted(ledger + carried) == list(range(ds.num_train))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_resplit_equals_uninterrupted(synthetic, num_workers):
+    """A state holding block slices resumes sample for sample on its own layout."""
+    cfg = synth_cfg(synthetic, micro_batch_size=2)
+    old = [build_train_loader(cfg, r, 2) for r in range(2)]
+    for ld in old:
+        take_batches(ld, 5)
+    state = old[0].state_dict()
+    cfg.num_workers = num_workers
+
+    def resumed(rank, saved):
+        ld = build_train_loader(cfg, rank, 3)
+        ld.load_state_dict(saved)
+        return ld
+
+    for rank in range(3):
+        reference = ids_of(list(resumed(rank, state)))
+        first = resumed(rank, state)
+        head = ids_of(take_batches(first, 4))
+        mid = json.loads(json.dumps(first.state_dict()))
+        assert any(plan.is_slice(p) for p in mid["resplit"])
+        assert head + ids_of(list(resumed(rank, mid))) == reference
+
+
+def test_version_1_state_resumes_and_resplits(synthetic):
+    """A state saved before block slices existed (version 1: the same keys, plain ranges
+    only) resumes exactly and re-splits without losing a sample; an unknown version is
+    refused with what to do."""
+    cfg = synth_cfg(synthetic, micro_batch_size=2, tail_policy="carry")
+    old = [build_train_loader(cfg, r, 2) for r in range(2)]
+    consumed = [i for ld in old for i in ids_of(take_batches(ld, 5))]
+    state = dict(old[0].state_dict(), version=1)
+    same = build_train_loader(cfg, 1, 2)
+    same.load_state_dict(state)
+    assert ids_of(list(same)) == ids_of(list(old[1]))
+    new = [build_train_loader(cfg, r, 3) for r in range(3)]
+    for ld in new:
+        ld.load_state_dict(state)
+    rest = [i for ld in new for i in ids_of(list(ld))]
+    carried = plan.sample_ids(new[0].state_dict()["carry_in"])
+    assert sorted(consumed + rest + carried) == list(range(synthetic.num_train))
+    with pytest.raises(ValueError, match="version 99 is unknown.*moe_train version that saved"):
+        build_train_loader(cfg, 0, 2).load_state_dict(dict(state, version=99))
 
 
 def test_uneven_shards_equal_steps_per_rank(synthetic):

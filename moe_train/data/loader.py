@@ -22,8 +22,10 @@ shard order changes every epoch, different samples fall in the tail each time.
 State: {"epoch", "step" (batches consumed per rank), the layout, carry_in, ...}; it is the
 same on every rank, so saving rank 0's copy is enough. Loaded with the same layout, the
 stream continues sample for sample. Loaded with a different world size, worker count or
-batch size, the unconsumed rest of the epoch is re-split over the new layout (logged);
-the unconsumed rest of partly read shuffle blocks is skipped and counted, never repeated.
+batch size, the unconsumed rest of the epoch is re-split over the new layout (logged):
+every sample of the epoch is still served exactly once, the unserved samples of partly
+read shuffle blocks included (a block's permutation depends only on its seed key, so
+the new owner recomputes which of them were served; plan.py).
 
 Validation (`build_val_loader`): manifest order, no shuffle, rank r gets N//W (+1)
 samples; every rank yields ceil(ceil(N/W)/B) batches; padding slots have
@@ -51,7 +53,7 @@ from moe_train.data.reader import BlockDataset, SourceInfo, WorkerSpec, make_bat
 from moe_train.data.shards import check_url, load_manifest
 
 log = logging.getLogger("moe_train.data")
-STATE_VERSION = 1
+STATE_VERSION = 2        # 2: ranges may hold block slices (plan.py); 1 has plain ranges only
 
 
 def _keep(item):
@@ -182,6 +184,11 @@ class StreamingLoader:
             self._stats["dropped_tail_samples"] += num_tail
         self.epoch, self.step, self._resplit, self._generation = self.epoch + 1, 0, None, 0
 
+    def _key_prefix(self) -> list:
+        """Start of every shuffle block's seed key this epoch (plan.py): the same after a
+        re-split, so blocks served before it can be recomputed."""
+        return [self.cfg.seed, self.epoch, self._generation]
+
     def _specs(self, start_step: int) -> list:
         ranges, L = self._ranges(), self.layout
         specs = []
@@ -189,7 +196,7 @@ class StreamingLoader:
             if self.train:
                 mine, pad = plan.train_worker_ranges(ranges, L, self.rank, w), 0
                 seed_key = None if self.cfg.shuffle_buffer == 0 else \
-                    [self.cfg.seed, self.epoch, self._generation, self.rank, w]
+                    self._key_prefix() + [self.rank, w]
             else:
                 (mine, pad), seed_key = plan.eval_worker_ranges(ranges, L, self.rank, w), None
             start = plan.worker_batches(start_step, L.num_workers, w)
@@ -246,7 +253,9 @@ class StreamingLoader:
     def stats(self) -> dict:
         """Counters of this rank since construction: batches, samples (real, unmasked),
         skipped_samples, bad_shards, dropped_tail_samples / carried_samples (global
-        counts, same on every rank), skipped_on_resplit, and the current epoch/step."""
+        counts, same on every rank), and the current epoch/step. skipped_on_resplit stays
+        0: a re-split serves every unconsumed sample (older versions skipped the rest of
+        partly consumed shuffle blocks and counted it here)."""
         return dict(self._stats, epoch=self.epoch, step=self.step)
 
     # ------------------------------------------------------------------ state
@@ -254,23 +263,26 @@ class StreamingLoader:
         """Position of the stream: plain Python values, identical on every rank."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step,
                 "seed": self.cfg.seed, "shuffle_shards": self.cfg.shuffle_shards,
-                "layout": self.layout.to_dict(), "carry_in": [list(r) for r in self._carry_in],
-                "resplit": None if self._resplit is None else
-                [list(r) for r in self._resplit],
+                "layout": self.layout.to_dict(), "carry_in": plan.copy_ranges(self._carry_in),
+                "resplit": None if self._resplit is None else plan.copy_ranges(self._resplit),
                 "generation": self._generation,
                 "dataset": {"fingerprint": self.fingerprint, "num_samples": self.num_samples}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by `state_dict` (see module docstring for layouts).
 
+        A version 1 state (before block slices) is a version 2 state without them, and
+        its blocks were seeded the same way, so it resumes and re-splits exactly too.
+
         Raises:
             ValueError: the state belongs to another dataset, seed or format.
         """
         if not self.train:
             raise ValueError("the validation loader has no position to restore")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"data loader state version {state.get('version')!r} is unknown "
+                             f"(this moe_train reads versions 1 and {STATE_VERSION}): resume "
+                             "with the moe_train version that saved the checkpoint")
         if state["dataset"]["fingerprint"] != self.fingerprint:
             raise ValueError(f"data loader state was saved for another shard set "
                              f"({state['dataset']['num_samples']} samples, this one has "
@@ -280,23 +292,23 @@ class StreamingLoader:
                 raise ValueError(f"data.{key}={getattr(self.cfg, key)!r} but the checkpoint "
                                  f"was made with {state[key]!r}")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self._carry_in = [list(r) for r in state["carry_in"]]
-        self._resplit = None if state["resplit"] is None else [list(r) for r in state["resplit"]]
+        self._carry_in = plan.copy_ranges(state["carry_in"])
+        self._resplit = None if state["resplit"] is None else plan.copy_ranges(state["resplit"])
         self._generation = int(state["generation"])
         old = plan.Layout(**state["layout"])
         if old != self.layout:
             self._resplit_from(old)
 
     def _resplit_from(self, old: plan.Layout) -> None:
-        remaining, skipped = plan.remaining_after(self._ranges(), old, self.step)
+        remaining = plan.remaining_after(self._ranges(), old, self.step, self._key_prefix())
         self._resplit, self._generation, self.step = remaining, self._generation + 1, 0
-        self._stats["skipped_on_resplit"] += skipped
         log.warning(
             "data: resuming epoch %d saved with %s on %s: re-split the %d unconsumed samples "
-            "of this epoch over the new layout (%d steps per rank); skipped %d samples of "
-            "partly consumed shuffle blocks (not repeated, not seen this epoch)",
-            self.epoch, old.to_dict(), self.layout.to_dict(),
-            plan.ranges_len(remaining), self.steps_per_epoch, skipped)
+            "of this epoch (%d of them in partly consumed shuffle blocks) "
+            "over the new layout (%d steps per rank)",
+            self.epoch, old.to_dict(), self.layout.to_dict(), plan.ranges_len(remaining),
+            sum(plan.piece_len(p) for p in remaining if plan.is_slice(p)),
+            self.steps_per_epoch)
         if self.steps_per_epoch == 0:
             self._advance_epoch()
 

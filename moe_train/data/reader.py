@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from moe_train.data.errors import DataError, ShardError
-from moe_train.data.plan import Ranges, ranges_len, take
+from moe_train.data.plan import Ranges, block_order, is_slice, ranges_len, take
 from moe_train.data.shards import iter_shard
 
 IGNORE_INDEX = -100
@@ -62,29 +62,54 @@ def iter_samples(src: SourceInfo, ranges: Ranges, events: list) -> Iterator[Opti
     With on_error="skip", a bad sample or the unreadable rest of a shard becomes None
     slots and an event {"skipped_samples": n, "message": ...}; otherwise ShardError.
     """
-    for lo, hi in ranges:
-        shard = bisect.bisect_right(src.offsets, lo) - 1
-        base = src.offsets[shard]
-        expect = lo - base
-        try:
-            for _, sample in iter_shard(src.urls[shard], src.counts[shard], lo - base,
-                                        hi - base, src.sample_tokens, src.dtype,
-                                        src.allow_pipe, src.read_timeout_s):
-                if isinstance(sample, ShardError):
-                    if src.on_error != "skip":
-                        raise sample
-                    events.append({"skipped_samples": 1, "message": str(sample)})
-                    sample = None
-                expect += 1
-                yield sample
-        except ShardError as err:
-            if src.on_error != "skip":
-                raise
-            missing = hi - base - expect
-            events.append({"skipped_samples": missing, "bad_shard": 1,
-                           "message": f"{err} ({missing} samples skipped)"})
-            for _ in range(missing):
-                yield None
+    for piece in ranges:
+        if is_slice(piece):
+            yield from _slice_samples(src, piece, events)
+        else:
+            yield from _range_samples(src, piece[0], piece[1], events)
+
+
+def _slice_samples(src: SourceInfo, piece: dict, events: list
+                   ) -> Iterator[Optional[np.ndarray]]:
+    """The samples of a block slice (the unserved rest of a block cut by a re-split): the
+    whole block is read and permuted as when it was first served, and the slice kept.
+    Only the slice's bad samples are reported: the rest of the block was served before."""
+    inner: list = []
+    block = list(iter_samples(src, piece["block"], inner))
+    order = block_order(piece["key"], len(block))[piece["start"]:piece["stop"]]
+    kept = [block[i] for i in order]
+    missing = sum(s is None for s in kept)
+    if missing:
+        events.append({"skipped_samples": missing,
+                       "message": "; ".join(e["message"] for e in inner)})
+    yield from kept
+
+
+def _range_samples(src: SourceInfo, lo: int, hi: int, events: list
+                   ) -> Iterator[Optional[np.ndarray]]:
+    """The samples of ids [lo, hi) of one shard, in order (see iter_samples)."""
+    shard = bisect.bisect_right(src.offsets, lo) - 1
+    base = src.offsets[shard]
+    expect = lo - base
+    try:
+        for _, sample in iter_shard(src.urls[shard], src.counts[shard], lo - base,
+                                    hi - base, src.sample_tokens, src.dtype,
+                                    src.allow_pipe, src.read_timeout_s):
+            if isinstance(sample, ShardError):
+                if src.on_error != "skip":
+                    raise sample
+                events.append({"skipped_samples": 1, "message": str(sample)})
+                sample = None
+            expect += 1
+            yield sample
+    except ShardError as err:
+        if src.on_error != "skip":
+            raise
+        missing = hi - base - expect
+        events.append({"skipped_samples": missing, "bad_shard": 1,
+                       "message": f"{err} ({missing} samples skipped)"})
+        for _ in range(missing):
+            yield None
 
 
 def stack_samples(samples: list, pad_id: int, sample_tokens: int, dtype: str
@@ -122,8 +147,8 @@ def iter_worker(src: SourceInfo, spec: WorkerSpec) -> Iterator[tuple]:
     remaining batches.
 
     The worker's slots (ranges, then pads) are cut into blocks of `block` samples; each
-    block is permuted by rng(seed_key + [block index]); batches are consecutive slices.
-    Rank batch index = local index * num_workers + worker.
+    block is permuted by block_order(seed_key + [block index]) and cut into consecutive
+    batches. Rank batch index = local index * num_workers + worker.
     """
     B, C = spec.batch_size, spec.block
     real = ranges_len(spec.ranges)
@@ -137,8 +162,7 @@ def iter_worker(src: SourceInfo, spec: WorkerSpec) -> Iterator[tuple]:
         size = min(C, total - pos)
         block = [next(samples) if pos + i < real else None for i in range(size)]
         if spec.seed_key is not None:
-            perm = np.random.default_rng(spec.seed_key + [pos // C]).permutation(size)
-            block = [block[i] for i in perm]
+            block = [block[i] for i in block_order(spec.seed_key + [pos // C], size)]
         first = max(start - pos, 0)
         for a in range(first, size, B):
             raw = stack_samples(block[a:a + B], src.pad_id, src.sample_tokens, src.dtype)
