@@ -143,6 +143,16 @@ def test_resume_equals_uninterrupted(synthetic, num_workers, stop_after):
         assert seen == reference
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_global_rng_alone(synthetic, num_workers):
+    """A resumed run restores the RNG state and then starts a new iterator; a draw from the
+    global generator there (DataLoader's worker seed) would shift router jitter."""
+    loader = build_train_loader(synth_cfg(synthetic, num_workers=num_workers), 0, 2)
+    before = torch.get_rng_state()
+    take_batches(loader, 2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_state_is_torch_saveable(synthetic, tmp_path):
     ld = build_train_loader(synth_cfg(synthetic), 0, 1)
     take_batches(ld, 2)

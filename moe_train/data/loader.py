@@ -45,6 +45,7 @@ import re
 from typing import Iterator, Optional
 
 from braceexpand import braceexpand
+import torch
 from torch.utils.data import DataLoader
 
 from moe_train.data.config import DataConfig
@@ -214,10 +215,14 @@ class StreamingLoader:
         if self.cfg.num_workers == 0:
             source = iter(dataset)
         else:
+            # A generator of its own: without one, every new DataLoader iterator draws its
+            # workers' base seed from the global torch RNG, which a resume at a later step
+            # would not repeat (router jitter would shift). The workers use no randomness.
             source = iter(DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers,
                 prefetch_factor=self.cfg.prefetch_factor, collate_fn=_keep,
-                timeout=self.cfg.worker_timeout_s, persistent_workers=False))
+                timeout=self.cfg.worker_timeout_s, persistent_workers=False,
+                generator=torch.Generator().manual_seed(self.cfg.seed)))
         expected, pending = start, {}
         try:
             for kind, index, payload, events in source:
