@@ -118,13 +118,15 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     real_write = manifest.write_torch  # what every checkpoint file goes through
 
-    def full_disk(path, obj):
+    def full_disk(path, obj):  # injected; tests/test_real_faults.py fills a real tmpfs
         if path.name.startswith("rank"):
-            raise OSError(28, "No space left on device")
-        real_write(path, obj)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 998: "
+                               "No space left on device")  # torch.save's type, not OSError
+        return real_write(path, obj)
 
     monkeypatch.setattr(manifest, "write_torch", full_disk)
-    with pytest.raises(ckpt.CheckpointError, match=r"step 2 failed: rank 0: .*No space left.*"
+    with pytest.raises(ckpt.CheckpointError, match=r"step 2 failed: rank 0: writing \S+/rank00000.pt failed: "
+                                                   r"RuntimeError: .*No space left.*"
                                                    r"previous checkpoint \(step_00000001\) is intact"):
         ckpt.save_checkpoint(tmp_path, state=ckpt.TrainState(step=2), **kwargs)
     assert (tmp_path / "latest").read_text().strip() == "step_00000001"

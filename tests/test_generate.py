@@ -36,17 +36,14 @@ def resplit(src: Path, dst: Path, ep: int) -> None:
     os.remove(dst / "experts_ep000.pt")
     meta = json.loads((src / "meta.json").read_text())
     per = meta["topology"]["num_experts"] // ep
-    for i in range(ep):
-        torch.save({"first_expert": i * per,
-                    "tensors": {n: t[i * per:(i + 1) * per].clone() for n, t in whole["tensors"].items()}},
-                   dst / f"experts_ep{i:03d}.pt")
-    meta["topology"].update(world_size=ep, ep_size=ep)
-    meta["files"] = {p.name: p.stat().st_size for p in dst.iterdir() if p.name != "meta.json"}
     files = meta["manifest"]["files"]
     del files["experts_ep000.pt"]
     for i in range(ep):
-        name = f"experts_ep{i:03d}.pt"
-        files[name] = manifest.file_entry(dst / name, torch.load(dst / name, weights_only=True))
+        files.update(manifest.write_listed(dst, f"experts_ep{i:03d}.pt", {
+            "first_expert": i * per,
+            "tensors": {n: t[i * per:(i + 1) * per].clone() for n, t in whole["tensors"].items()}}))
+    meta["topology"].update(world_size=ep, ep_size=ep)
+    meta["files"] = {p.name: p.stat().st_size for p in dst.iterdir() if p.name != "meta.json"}
     (dst / "meta.json").write_text(json.dumps(meta))
 
 

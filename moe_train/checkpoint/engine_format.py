@@ -18,9 +18,11 @@ Layout under ``checkpoint.dir``::
 Save (collective over all ranks): every rank writes into the temporary directory; the
 ranks agree on success; rank 0 writes ``meta.json``, renames the directory, then points
 ``latest`` at it (a rename too), then prunes to ``checkpoint.keep_last``
-(``state.publish``). A failure on any rank (disk full, permissions) removes the temporary
-directory on every rank's say and raises ``CheckpointError`` on all ranks; the previous
-checkpoint and ``latest`` are untouched.
+(``state.publish``). A failure of any kind on any rank (a full disk makes ``torch.save``
+raise ``RuntimeError``, not ``OSError``; a read-only mount; permissions) still completes
+the agreement on every rank, removes the half-written directory and raises one
+``CheckpointError`` on all ranks naming the rank and file; the previous checkpoint and
+``latest`` are untouched. File CRCs are computed while writing (no read-back).
 
 Load: model weights are loaded BEFORE the DeepSpeed engine is built (so ZeRO's fp32
 master copy starts from them), experts by GLOBAL expert id from whichever files hold
@@ -91,23 +93,28 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-    except OSError as err:
-        error = f"rank {rank}: cannot create {tmp}: {err}"
+    except Exception as err:  # noqa: BLE001 - any failure must reach the agreement
+        error = f"rank {rank}: cannot create {tmp}: {_describe(err)}"
     _check(agree(error, world), state.step, root, tmp, rank)
     entries: dict[str, dict] = {}
+    writing = tmp
     try:
         dense, experts = split_state(model)
+        files = []
         if rank == 0:
-            entries.update(mf.write_listed(tmp, "model_dense.pt", dense))
+            files.append(("model_dense.pt", dense))
         if rank < topo.ep_size:  # the first EP group holds every expert once
-            entries.update(mf.write_listed(tmp, f"experts_ep{rank:03d}.pt",
-                                           {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
-        entries.update(mf.write_listed(tmp, f"rank{rank:05d}.pt",
-                                       {"optimizer": optimizer_state(optimizer), "rng": rng_state()}))
+            files.append((f"experts_ep{rank:03d}.pt",
+                          {"first_expert": topo.local_experts(rank).start, "tensors": experts}))
+        files.append((f"rank{rank:05d}.pt", {"optimizer": optimizer_state(optimizer), "rng": rng_state()}))
+        for file_name, obj in files:
+            writing = tmp / file_name
+            entries.update(mf.write_listed(tmp, file_name, obj))
+        writing = tmp
         if fault_hook is not None:
             fault_hook("save", tmp)
-    except OSError as err:
-        error = f"rank {rank}: writing into {tmp} failed: {err}"
+    except Exception as err:  # noqa: BLE001 - a full disk raises RuntimeError from torch.save
+        error = f"rank {rank}: writing {writing} failed: {_describe(err)}"
     _check(agree(error, world), state.step, root, tmp, rank)
     error = None
     listed = gather(entries, world)
@@ -115,10 +122,17 @@ def save_checkpoint(root: str | Path, *, model: nn.Module, optimizer, state: Tra
         try:
             publish(root, tmp, final, state, topo, config, keep_last,
                     manifest=mf.build_manifest({k: v for part in listed for k, v in part.items()}))
-        except OSError as err:
-            error = f"rank 0: publishing {final} failed: {err}"
+        except Exception as err:  # noqa: BLE001
+            error = f"rank 0: publishing {final} failed: {_describe(err)}"
     _check(agree(error, world), state.step, root, tmp, rank)
     return final
+
+
+def _describe(err: BaseException) -> str:
+    """One line: the exception's type and the first line of its message (torch.save's
+    full-disk error carries a C++ stack)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def _check(errors: list, step: int, root: Path, tmp: Path, rank: int) -> None:

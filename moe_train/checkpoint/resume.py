@@ -37,15 +37,17 @@ SHAPE_KEYS = (("model", "vocab_size"), ("model", "d_model"), ("model", "num_laye
 # ------------------------------------------------------------------- which checkpoint
 
 
-def find_checkpoint(root: str | Path, resume: str) -> Optional[Path]:
+def find_checkpoint(root: str | Path, resume: str, checksums: bool = True,
+                    exclude: tuple = ()) -> Optional[Path]:
     """``resume``: "none" -> None; "auto" -> the newest complete checkpoint under
-    ``root`` (``latest`` if it is complete, else a scan), or None; anything else is a
-    path, which must be a complete checkpoint (CheckpointError otherwise)."""
+    ``root`` (``latest`` if it is complete, else a scan) that is not in ``exclude``, or
+    None; anything else is a path, which must be a complete checkpoint (CheckpointError
+    otherwise). ``checksums=False``: presence and sizes only (``verify_checkpoint``)."""
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
-        problems = verify_checkpoint(path)
+        problems = verify_checkpoint(path, checksums)
         if problems:
             more = f" (and {len(problems) - 1} more; `moe-train ckpt verify {path}` lists them)" \
                 if len(problems) > 1 else ""
@@ -53,17 +55,17 @@ def find_checkpoint(root: str | Path, resume: str) -> Optional[Path]:
         return path
     root = Path(root)
     pointer = root / LATEST
-    candidates = [p for p, _, ok in reversed(list_checkpoints(root)) if ok]
+    candidates = [p for p, _, ok in reversed(list_checkpoints(root)) if ok and p not in exclude]
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-        elif named.exists() or pointer.read_text().strip():
+        elif named not in exclude and (named.exists() or pointer.read_text().strip()):
             log.warning("%s points at %s, which is incomplete; scanning for the newest complete one",
                         pointer, named)
     for candidate in candidates:
-        problems = verify_checkpoint(candidate)
+        problems = verify_checkpoint(candidate, checksums)
         if not problems:
             return candidate
         log.warning("--resume auto: skipping %s, which fails verification: %s", candidate, problems[0])
@@ -133,19 +135,21 @@ def describe_layout(meta: dict) -> str:
             f"ZeRO {cfg.get('parallel', {}).get('zero_stage', '?')}, {cfg.get('train', {}).get('dtype', '?')}")
 
 
-def choose_resume(root: str | Path, resume: str, topo, config: dict) -> Optional[ResumeSource]:
+def choose_resume(root: str | Path, resume: str, topo, config: dict, checksums: bool = True,
+                  exclude: tuple = ()) -> Optional[ResumeSource]:
     """Which checkpoint ``--resume`` (auto, none or a path) loads, and how.
 
     An engine checkpoint at this layout resumes exactly. At another layout its canonical
     checkpoint (``step_N/canonical``) is loaded, and never silently an optimizer state
     re-initialised: without one, the resume fails naming the conversion command, the
     newest older canonical checkpoint if there is one, and the opt-in
-    ``checkpoint.fresh_optimizer_on_new_layout``.
+    ``checkpoint.fresh_optimizer_on_new_layout``. ``checksums`` and ``exclude``: as for
+    ``find_checkpoint`` (training passes ``checksums=False``: its ranks verify what they load).
 
     Raises:
         CheckpointError: a checkpoint that fails verification, or the case above.
     """
-    path = find_checkpoint(root, resume)
+    path = find_checkpoint(root, resume, checksums, exclude)
     if path is None:
         return None
     meta = read_meta(path) or {}
@@ -157,7 +161,7 @@ def choose_resume(root: str | Path, resume: str, topo, config: dict) -> Optional
         return ResumeSource("weights", path)
     canonical_dir = complete_canonical(path)
     if canonical_dir is not None:
-        problems = verify(canonical_dir)
+        problems = verify(canonical_dir, checksums=checksums)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise CheckpointError(f"{canonical_dir} is needed to resume {path} on another layout but fails "

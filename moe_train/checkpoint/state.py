@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -97,13 +98,34 @@ def provenance() -> dict:
             "numpy": np.__version__, "git_commit": commit}
 
 
-def write_torch(path: Path, obj: Any) -> None:
+class _Checksummed:
+    """A write-only file that keeps the CRC-32 and length of what passed through it, so
+    a checkpoint file's checksum costs no second read of the file."""
+
+    def __init__(self, f):
+        self.f, self.crc32, self.bytes = f, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        written = self.f.write(view)
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.bytes += view.nbytes
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_torch(path: Path, obj: Any) -> tuple[int, int]:
     """``torch.save`` to ``path``, flushed to disk before it returns (every checkpoint file
-    goes through here: ``manifest.write_listed``)."""
+    goes through here: ``manifest.write_listed``). Returns the file's (CRC-32, bytes),
+    computed while writing."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        out = _Checksummed(f)
+        torch.save(obj, out)
         f.flush()
         os.fsync(f.fileno())
+    return out.crc32, out.bytes
 
 
 def gather(obj: Any, world: int) -> list:

@@ -12,10 +12,12 @@ import moe_train.checkpoint.manifest as mf
 from moe_train.checkpoint.state import read_meta
 
 
-def verify_checkpoint(path: str | Path) -> list[str]:
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> list[str]:
     """Every problem of the checkpoint at ``path`` against its manifest (empty: it is
     sound): meta.json unreadable or not complete, a file missing, truncated or corrupted,
-    a tensor missing, extra, reshaped or corrupted. Reads every file; needs no model."""
+    a tensor missing, extra, reshaped or corrupted. Reads every file; needs no model.
+    ``checksums=False``: presence and sizes only, reading no file (a training resume,
+    where each rank then checks every tensor it loads against the manifest)."""
     path = Path(path)
     meta = read_meta(path)
     if meta is None:
@@ -25,6 +27,6 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     if "manifest" not in meta:
         return [f"{path}: no manifest (written before checkpoint format 2); it cannot be verified"]
     if meta.get("kind") == canonical.KIND:
-        return canonical.verify(path)
+        return canonical.verify(path, checksums=checksums)
     present = [p.name for p in path.iterdir() if p.is_file()]
-    return mf.verify_files(path, meta["manifest"], load_file, present)
+    return mf.verify_files(path, meta["manifest"], load_file, present, checksums=checksums)

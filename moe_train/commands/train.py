@@ -11,7 +11,8 @@ from moe_train.commands import add_config_args
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Exit codes: 0 finished; 85 stopped on a signal or time limit with a checkpoint
-    written (requeue); 2 bad config; 3 checkpoint unusable; 1 a failure (rank, step and
+    written (requeue); 2 bad config; 3 a checkpoint unusable, or the final save / a stop's save /
+    checkpoint.max_failed_saves saves in a row failed; 1 a failure (rank, step and
     phase printed); 86 the watchdog ended a hung rank."""
     from moe_train.checkpoint.state import CheckpointError
     from moe_train.config import load_config
