@@ -44,7 +44,19 @@ class ParallelConfig:
     zero_stage: int = 1
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
-    timeout_s: int = 600  # collective timeout; a hang becomes an error naming the rank
+    # Watchdog budgets per phase (moe_train.parallel.phase): longer than any healthy
+    # phase of that kind, so a hang becomes an error naming the rank, step and phase.
+    timeout_s: int = 600  # one training step (its collectives included)
+    startup_timeout_s: int = 1800  # rendezvous, model build, op compilation, checkpoint load
+    eval_timeout_s: int = 1800  # one evaluation (train.eval_steps batches, or the whole split)
+    save_timeout_s: int = 1800  # one checkpoint save (engine + canonical)
+
+    def budgets(self):
+        """The watchdog's ``Budgets``; the process group's timeout is their maximum."""
+        from moe_train.parallel.phase import Budgets
+
+        return Budgets(startup=self.startup_timeout_s, step=self.timeout_s, eval=self.eval_timeout_s,
+                       save=self.save_timeout_s)
 
     def validate(self) -> None:
         if self.expert_parallel_size < 1:
@@ -57,8 +69,9 @@ class ParallelConfig:
                  "experts, gradients and optimizer state")
         choice("parallel.backend", self.backend, BACKENDS)
         choice("parallel.device", self.device, DEVICES)
-        if self.timeout_s <= 0:
-            fail("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
+        for name in ("timeout_s", "startup_timeout_s", "eval_timeout_s", "save_timeout_s"):
+            if getattr(self, name) <= 0:
+                fail(f"parallel.{name}", getattr(self, name), "must be > 0 seconds")
 
 
 @dataclass
@@ -138,6 +151,10 @@ class CheckpointConfig:
     # false (default) refuses, naming `moe-train ckpt canonical`; true loads the weights
     # and starts AdamW's moments and step from zero (warned).
     fresh_optimizer_on_new_layout: bool = False
+    # A failed save (full disk, read-only mount) is reported and training goes on; this
+    # many failures in a row stop the run, naming the last good checkpoint. A failed
+    # final save always ends the run non-zero.
+    max_failed_saves: int = 3
 
     def validate(self) -> None:
         if self.canonical_every_steps < 0:
@@ -148,6 +165,8 @@ class CheckpointConfig:
             fail("checkpoint.every_steps", self.every_steps, "must be >= 0")
         if self.keep_last < 1:
             fail("checkpoint.keep_last", self.keep_last, "must be >= 1")
+        if self.max_failed_saves < 1:
+            fail("checkpoint.max_failed_saves", self.max_failed_saves, "must be >= 1")
 
 
 @dataclass

@@ -134,6 +134,28 @@ def test_hung_peer_is_reported_by_the_watchdog_or_the_timeout(tmp_path, shards):
     assert elapsed < 90
 
 
+def test_a_slow_save_outlives_the_step_budget_and_a_hang_is_still_caught_after_it(tmp_path, shards):
+    """Per-phase budgets: rank 0 spends 30 s inside the step-10 save (a healthy, slow
+    writer) while the step budget is 5 s (watchdog limit 20 s): the save has its own
+    budget (parallel.save_timeout_s), so both ranks finish. Then rank 1 hangs in step 13:
+    rank 0 is still reported within the step budget plus the margin."""
+    procs = start_ranks(tmp_path, shards, 2, steps=100000, extra=("--set", "parallel.timeout_s=5"),
+                        env_extra={"MOE_TRAIN_FAULT": "slow_save=30@10:0,hang@13:1"})
+    wait_for_step(tmp_path, 12, timeout=400)
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert "checkpoint step 10 ->" in log0 and "HUNG" not in log0, log0[-3000:]
+    start = time.monotonic()
+    code = finish(procs[:1], timeout=90)[0]
+    elapsed = time.monotonic() - start
+    procs[1].kill()
+    procs[1].wait()
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert code not in (0, 85, "hung"), log0[-3000:]
+    assert re.search(r"moe_train: HUNG at rank 0, step 13, in .* \(step phase\) for \d+ s \(the step budget 5 s",
+                     log0), log0[-3000:]
+    assert elapsed < 60
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_sigterm_to_the_local_launcher_reaches_the_trainers_as_a_checkpoint(tmp_path, shards, launcher):
     """SIGTERM to launchers/train.sh (what a scheduler or Ctrl-C sends): the wrapper turns

@@ -16,6 +16,8 @@ process:
     hang@12:1      rank 1 sleeps forever at step 12 (its peers' collectives time out)
     nan_loss@5     every rank's loss of step 5 is NaN (the step is skipped)
     kill_in_save@10:0   rank 0 dies (exit 137) inside the save of step 10
+    slow_save=40@10:0   rank 0 takes 40 s longer inside the save of step 10 (a healthy,
+                        slow writer: its peers wait in the save's agreement)
 
 Faults a real OS can produce (a full disk, a killed process, a read-only mount) are
 produced for real by the tests, not through this seam.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 ENV = "MOE_TRAIN_FAULT"
-KINDS = ("stop", "hang", "nan_loss", "kill_in_save")
+KINDS = ("stop", "hang", "nan_loss", "kill_in_save", "slow_save")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Fault:
     kind: str
     step: int
     rank: Optional[int] = None  # None: every rank
+    seconds: float = 0.0  # slow_save's delay
 
 
 class Faults:
@@ -68,22 +71,32 @@ class Faults:
         return loss * float("nan") if self.at("nan_loss", step, rank) else loss
 
     def save_hook(self, step: int, rank: int) -> Optional[Callable]:
-        """A hook for ``save_checkpoint`` that kills the writer mid-save, or None."""
-        if not self.at("kill_in_save", step, rank):
-            return None
+        """A hook for ``save_checkpoint`` that kills the writer mid-save or slows it
+        down, or None."""
+        if self.at("kill_in_save", step, rank):
+            def die(phase, tmp):  # the writer dies with its files half published
+                os._exit(137)
 
-        def die(phase, tmp):  # the writer dies with its files half published
-            os._exit(137)
+            return die
+        slow = [f.seconds for f in self.faults if f.kind == "slow_save" and f.step == step
+                and f.rank in (None, rank)]
+        if slow:
+            def dawdle(phase, tmp):
+                time.sleep(slow[0])
 
-        return die
+            return dawdle
+        return None
 
 
 def _parse(item: str) -> Fault:
     kind, _, where = item.partition("@")
+    kind, _, seconds = kind.partition("=")
     step, _, rank = where.partition(":")
-    if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ValueError(f"{ENV}: {item!r}: expected kind@step[:rank] with kind one of {', '.join(KINDS)}")
-    return Fault(kind, int(step), int(rank) if rank else None)
+    if (kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit())
+            or (kind == "slow_save") != bool(seconds) or (seconds and not seconds.replace(".", "", 1).isdigit())):
+        raise ValueError(f"{ENV}: {item!r}: expected kind@step[:rank] with kind one of {', '.join(KINDS)} "
+                         f"(slow_save=SECONDS@step[:rank])")
+    return Fault(kind, int(step), int(rank) if rank else None, float(seconds or 0))
 
 
 NO_FAULTS = Faults()

@@ -32,7 +32,7 @@ from moe_train.checkpoint.engine_format import load_model_weights, load_rank_sta
 from moe_train.checkpoint.optimizer_state import load_optimizer_state
 import moe_train.checkpoint.resume as resume_choice
 from moe_train.checkpoint.rng import reseed, set_rng_state
-from moe_train.checkpoint.state import CheckpointError, TrainState, read_meta
+from moe_train.checkpoint.state import LATEST, CheckpointError, TrainState, agree, read_meta
 from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
 from moe_train.data import build_train_loader, build_val_loader
 from moe_train.model.build import build_model
@@ -196,7 +196,7 @@ def _save(run: _Run, engine: Engine, state: TrainState, loader, with_canonical: 
 
 
 def _restore(run: _Run, source: resume_choice.ResumeSource, engine: Engine, loader, state: TrainState,
-             loaded: Optional[canonical.Loaded]) -> None:
+             loaded: Optional[canonical.Loaded], rank_state: Optional[dict]) -> None:
     """Optimizer, RNG and data position after the weights (loaded before the engine)."""
     path, meta = source.path, read_meta(source.path)
     saved = meta["train_state"]
@@ -204,7 +204,6 @@ def _restore(run: _Run, source: resume_choice.ResumeSource, engine: Engine, load
     topo, cfg = run.groups.topology, run.cfg
     here = f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.train.dtype}"
     if source.kind == "engine":
-        rank_state = load_rank_state(path, run.rank)
         load_optimizer_state(engine.optimizer, rank_state["optimizer"], topo.world_size)
         set_rng_state(rank_state["rng"])
         loader.load_state_dict(saved["loader_states"][run.rank])
@@ -252,9 +251,10 @@ def train(cfg: Config, resume: str = "auto", stop: Optional[StopRequest] = None,
     PHASE.rank = env.rank
     if threading.current_thread() is threading.main_thread():
         install_stop_signals(stop, env.rank)
-    PHASE.enter("process-group start-up (rendezvous with every rank)")
-    watchdog = Watchdog(cfg.parallel.timeout_s).start()
-    env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, cfg.parallel.timeout_s,
+    PHASE.enter("process-group start-up (rendezvous with every rank)", kind="startup")
+    budgets = cfg.parallel.budgets()
+    watchdog = Watchdog(budgets).start()
+    env, device = init_distributed(cfg.parallel.device, cfg.parallel.backend, int(budgets.collective_s),
                                    env=env, always_group=True)
     det = determinism.configure(cfg.train.deterministic, device)
     try:
@@ -285,15 +285,48 @@ def _report_skip(run: _Run, state: TrainState, in_a_row: int, last_saved) -> Non
                            f"the non-finite state; the last checkpoint is {last_saved or 'none from this run'}")
 
 
-def _resume_source(run: _Run, resume: str) -> Optional[resume_choice.ResumeSource]:
-    """Rank 0 chooses the checkpoint and how to load it (``resume_choice.choose_resume``);
-    every rank gets the choice, or raises rank 0's refusal (none waits for a rank that
-    failed)."""
+def _last_good(run: _Run) -> str:
+    """The checkpoint a resume would start from now: what ``latest`` names."""
+    pointer = Path(run.cfg.checkpoint.dir) / LATEST
+    try:
+        return str(pointer.parent / pointer.read_text().strip())
+    except OSError:
+        return f"none (no {pointer})"
+
+
+def _after_failed_save(run: _Run, state: TrainState, in_a_row: int, stop: Optional[StopRequest]) -> None:
+    """A failed save (already reported, its half-written directory removed) lets training
+    go on, except when it was the last chance: a stop's checkpoint, the final step's, or
+    ``checkpoint.max_failed_saves`` failures in a row. Those raise ``CheckpointError`` on
+    every rank (``moe-train train`` exits 3)."""
+    limit = run.cfg.checkpoint.max_failed_saves
+    if stop is not None:
+        why = f"stop requested ({stop.reason or 'another rank'}) but the checkpoint of step {state.step} failed"
+    elif state.step == run.cfg.train.max_steps:
+        why = f"the FINAL checkpoint (step {state.step}) failed, so the last steps are not saved"
+    elif in_a_row >= limit:
+        why = (f"{in_a_row} checkpoint saves in a row failed (checkpoint.max_failed_saves = {limit}); stopping "
+               f"at step {state.step} rather than training on without checkpoints")
+    else:
+        run.print(f"WARNING: training goes on without the checkpoint of step {state.step} ({in_a_row} failed in "
+                  f"a row; the run stops at checkpoint.max_failed_saves = {limit}); the last good "
+                  f"checkpoint is {_last_good(run)}")
+        return
+    raise CheckpointError(f"{why}; the last good checkpoint is {_last_good(run)} (free space or fix "
+                          f"checkpoint.dir, then resume with --resume auto)")
+
+
+def _resume_source(run: _Run, resume: str, exclude: tuple = ()) -> Optional[resume_choice.ResumeSource]:
+    """Rank 0 chooses the checkpoint and how to load it (``resume_choice.choose_resume``),
+    checking presence and sizes only: reading every rank's files would cost rank 0 time
+    in proportion to the whole checkpoint while all others wait; each rank checks the
+    tensors it loads instead (``_load_source``). Every rank gets the choice, or raises
+    rank 0's refusal (none waits for a rank that failed)."""
     choice = None
     if run.env.rank == 0:
         try:
             choice = resume_choice.choose_resume(run.cfg.checkpoint.dir, resume, run.groups.topology,
-                                                 config_to_dict(run.cfg))
+                                                 config_to_dict(run.cfg), checksums=False, exclude=exclude)
         except CheckpointError as err:
             choice = str(err)
     choice = _broadcast_choice(choice, run.env)
@@ -302,20 +335,52 @@ def _resume_source(run: _Run, resume: str) -> Optional[resume_choice.ResumeSourc
     return choice
 
 
+def _load_source(run: _Run, source: resume_choice.ResumeSource, model):
+    """This rank's part of ``source``, every tensor compared with the manifest as it is
+    read: the weights into ``model`` (before the engine exists, so ZeRO's fp32 master
+    starts from them) and, for an exact resume, this rank's optimizer and RNG file.
+    Returns (canonical ``Loaded`` or None, rank state or None)."""
+    if source.kind == "canonical":  # any layout: the fp32 masters become the weights
+        loaded = canonical.load(source.path, model, run.groups)
+        canonical.apply_to_model(model, loaded)
+        return loaded, None
+    load_model_weights(source.path, model, run.groups.topology, run.rank)
+    return None, load_rank_state(source.path, run.rank) if source.kind == "engine" else None
+
+
+def _load_agreed(run: _Run, resume: str):
+    """The model with the chosen checkpoint loaded on every rank, or one error on every
+    rank. With ``--resume auto`` a checkpoint that fails a rank's check (a corrupted
+    tensor) is skipped for the next newest, as rank 0's size check would have done."""
+    exclude: list = []
+    while True:
+        source = _resume_source(run, resume, tuple(exclude))
+        model = build_model(run.cfg, run.groups, run.device)
+        if source is None:
+            return None, model, None, None
+        # Weights that cannot fit this config: refused on every rank alike (never skipped).
+        resume_choice.check_compatible(read_meta(source.path), config_to_dict(run.cfg), source.path)
+        error = None
+        try:
+            loaded, rank_state = _load_source(run, source, model)
+        except CheckpointError as err:
+            error = str(err)
+        except Exception as err:  # noqa: BLE001 - a torn file: torch.load's own error types
+            error = f"rank {run.rank}: reading {source.path} failed: {type(err).__name__}: {err}"
+        failed = [e for e in agree(error, run.env.world_size) if e]
+        if not failed:
+            return source, model, loaded, rank_state
+        if resume != "auto":
+            raise CheckpointError(failed[0] + (f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""))
+        run.print(f"WARNING: --resume auto: skipping {source.path}: {failed[0]}")
+        exclude.append(source.path)
+
+
 def _setup(run: _Run, resume: str, loaders):
-    """Model (weights from the checkpoint, if resuming, before the engine exists so ZeRO's
-    fp32 master starts from them), engine, data, and the restored state."""
+    """Model (weights from the checkpoint, if resuming), engine, data, and the restored
+    state."""
     cfg, env, device, groups = run.cfg, run.env, run.device, run.groups
-    source = _resume_source(run, resume)
-    model = build_model(cfg, groups, device)
-    loaded = None
-    if source is not None:
-        resume_choice.check_compatible(read_meta(source.path), config_to_dict(cfg), source.path)
-        if source.kind == "canonical":  # any layout: the fp32 masters become the weights
-            loaded = canonical.load(source.path, model, groups)
-            canonical.apply_to_model(model, loaded)
-        else:
-            load_model_weights(source.path, model, groups.topology, env.rank)
+    source, model, loaded, rank_state = _load_agreed(run, resume)
     engine = build_engine(cfg, model, groups)
     run.routing = RoutingMonitor(engine.module, run.layer_ids, cfg.logging.dead_expert_steps,
                                  cfg.logging.max_drop_frac)  # [routing]
@@ -324,7 +389,7 @@ def _setup(run: _Run, resume: str, loaders):
     state = TrainState()
     seed_everything(cfg.train.seed, env.rank)
     if source is not None:
-        _restore(run, source, engine, loader, state, loaded)
+        _restore(run, source, engine, loader, state, loaded, rank_state)
     run.print(startup_report(cfg, env, groups.topology, engine, device, source and source.path))
     run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
     run.writer.text("config", "```\n" + dump_config(cfg) + "\n```", state.step)
@@ -336,13 +401,13 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     engine, loader, val_loader, state = _setup(run, resume, loaders)
     result = TrainResult(final_step=state.step, skipped_steps=state.skipped_steps)
     batches = _endless(loader)
-    in_a_row, last_saved = 0, None
+    in_a_row, last_saved, failed_saves = 0, None, 0
     limit = TimeLimit(slurm_job_end() if env.rank == 0 else None, cfg.train.exit_before_time_limit_min)
     try:
         run.timer.restart()
         while state.step < cfg.train.max_steps:
             state.step += 1
-            PHASE.enter("data loading", state.step)
+            PHASE.enter("data loading", state.step, kind="step")
             run.faults.before_step(state.step, env.rank, stop)
             if limit.due():
                 stop.request(f"Slurm time limit in {cfg.train.exit_before_time_limit_min} min")
@@ -363,11 +428,12 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
                 PHASE.enter("metrics all-reduce")
                 _log_step(run, state.step, out, lr, state)
                 if run.routing.alarms and cfg.train.stop_on_routing_alarm:  # [routing] every rank agrees
+                    PHASE.enter("checkpoint save (routing alarm)", kind="save")
                     saved = _save(run, engine, state, loader, bool(cfg.checkpoint.canonical_every_steps))
                     raise RuntimeError(f"step {state.step}: routing alarm (train.stop_on_routing_alarm): "
                                        f"{'; '.join(run.routing.alarms)}; checkpoint {saved or 'NOT written'}")
             if val_loader is not None and state.step % cfg.train.eval_every == 0:
-                PHASE.enter("evaluation")
+                PHASE.enter("evaluation", kind="eval")
                 scores = evaluate(engine.module, val_loader, max_batches=cfg.train.eval_steps, group=groups.dp,
                                   device=device)
                 run.writer.scalars(state.step, scores.scalars())
@@ -378,13 +444,12 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
             with_canonical = bool(canonical_every) and (state.step % canonical_every == 0 or last)
             # A skipped step changed nothing, so the state is the last finite one: safe to save.
             if (every and state.step % every == 0) or with_canonical or last:
-                PHASE.enter("checkpoint save")
+                PHASE.enter("checkpoint save", kind="save")
                 saved = _save(run, engine, state, loader, with_canonical)
                 last_saved = saved or last_saved
-                if out.stop and saved is None:
-                    raise RuntimeError(f"stop requested ({stop.reason or 'another rank'}) but the "
-                                       f"checkpoint of step {state.step} failed; the last complete "
-                                       f"checkpoint is {last_saved or 'none from this run'}")
+                failed_saves = 0 if saved else failed_saves + 1
+                if saved is None:
+                    _after_failed_save(run, state, failed_saves, stop if out.stop else None)
                 run.timer.restart()
             if out.stop:
                 run.print(f"stopping at step {state.step} on request ({stop.reason or 'another rank'})")
@@ -402,4 +467,3 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     if keep_state:
         result.state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters()}
     return result
-
