@@ -1,7 +1,8 @@
 """``moe-train check``: validate a config for a world size and print the resolved config,
 the batch arithmetic, capacities, causality, data, model size, memory per rank, process
 groups and the derived DeepSpeed config, without starting any process group, so a user
-can see what a launch will do before spending a queue slot on it."""
+can see what a launch will do before spending a queue slot on it. The output does not
+grow with the world size (per-rank group lines only up to 16 ranks or with ``--verbose``)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"\n# memory per rank (estimate; world size {args.world_size})")
     print("\n".join(memory_lines))
     print("\n# process groups")
-    print("\n".join(topo.describe()))
+    print("\n".join(topo.describe(verbose=args.verbose)))
     print("\n# deepspeed config (derived)")
     print(deepspeed_config(cfg, args.world_size))
     return 0
@@ -141,4 +142,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("check", help="validate a config for a world size and print the layout")
     add_config_args(p)
     p.add_argument("--world-size", type=int, required=True, help="number of ranks to plan for")
+    p.add_argument("--verbose", action="store_true",
+                   help="one process-group line per rank whatever the world size (by default only "
+                        "up to 16 ranks; above that the groups are printed by their pattern)")
     p.set_defaults(func=cmd_check)
