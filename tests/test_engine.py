@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
+from dist_utils import run_ranks
 from engine_harness import make_cfg, run_train
+from moe_train.config import config_to_dict
 
 
 def _losses(results):
@@ -66,6 +68,56 @@ def test_expert_weights_split_by_ep_and_equal_within_edp_group(tmp_path):
         else:
             for s in states[1:]:
                 assert torch.equal(states[0][name], s[name]), name
+
+
+def _counting_groups_worker(rank, world, raw_cfg):
+    """One training step with every ``torch.distributed.new_group`` call recorded: who
+    made it (the innermost ``moe_train`` or ``deepspeed.utils.groups`` function) and the
+    ranks, in order."""
+    import traceback
+
+    import torch.distributed as dist
+
+    import engine_harness
+
+    created, real = [], dist.new_group
+
+    def new_group(ranks=None, *args, **kwargs):
+        stack = traceback.extract_stack()[:-1]
+        maker = next((f.name for f in reversed(stack)
+                      if "/moe_train/" in f.filename or f.filename.endswith("deepspeed/utils/groups.py")), "?")
+        created.append((maker, sorted(ranks) if ranks is not None else None))
+        return real(ranks, *args, **kwargs)
+
+    dist.new_group = new_group
+    try:
+        engine_harness._worker(rank, world, raw_cfg, "none", True, "", False)
+    finally:
+        dist.new_group = real
+    return created
+
+
+@pytest.mark.parametrize("world, ep, zero", [(4, 2, 2), (2, 1, 1)])
+def test_expert_groups_are_created_once_and_deepspeed_makes_no_copy(tmp_path, world, ep, zero):
+    """Every rank creates exactly the topology's groups, once, in build_groups: world/ep EP
+    groups and ep EDP groups (ep 1: groups of one rank, which DeepSpeed's registry needs).
+    DeepSpeed uses them (the engine checks it holds the same objects) and creates one group
+    of its own, its clone of the world as its data-parallel group. Before, DeepSpeed's
+    ``_create_expert_and_data_parallel`` made a second copy of every EP and EDP group.
+    That the registered groups are the right ones for DeepSpeed's reduction is what the
+    ZeRO and EDP-equality tests above prove."""
+    from moe_train.parallel.topology import Topology
+
+    cfg = make_cfg(tmp_path, parallel={"expert_parallel_size": ep, "zero_stage": zero}, train={"max_steps": 1})
+    topo = Topology(world, ep, cfg.moe.num_experts)
+    for rank, created in enumerate(run_ranks(_counting_groups_worker, world, raw_cfg=config_to_dict(cfg))):
+        ours = [ranks for maker, ranks in created if maker == "build_groups"]
+        assert ours == topo.ep_groups() + topo.edp_groups(), (rank, created)
+        assert [c for c in created if c[0] != "build_groups"] == [("_clone_world_group", list(range(world)))], \
+            (rank, created)
+        assert len(created) == topo.num_groups + 1
+        # groups this rank is a member of: its EP group, its EDP group, DeepSpeed's world clone
+        assert sum(rank in ranks for _, ranks in created) == 3
 
 
 def test_nonfinite_loss_skips_the_step_on_every_rank(tmp_path):

@@ -31,6 +31,19 @@ def test_topology_owns_every_expert_once_per_ep_group():
     assert topo.edp_group_of(5) == [1, 5] and topo.local_experts(5) == range(4, 8)
 
 
+def test_group_of_a_rank_is_the_group_holding_it():
+    """ep_group_of / edp_group_of compute a rank's group directly (describe(verbose=True)
+    asks for all of them); they must equal the group of ep_groups() / edp_groups() that
+    holds the rank, and num_groups counts both lists."""
+    for world, ep in [(8, 4), (8, 2), (4, 4), (6, 3), (1, 1), (12, 1), (32, 8)]:
+        topo = Topology(world, ep, 24)
+        for rank in range(world):
+            (ep_group,) = [g for g in topo.ep_groups() if rank in g]
+            (edp_group,) = [g for g in topo.edp_groups() if rank in g]
+            assert topo.ep_group_of(rank) == ep_group and topo.edp_group_of(rank) == edp_group
+        assert topo.num_groups == (0 if world == 1 else len(topo.ep_groups()) + len(topo.edp_groups()))
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1"}, (3, 4, 1, "n1", "torchrun")),
     ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node7",

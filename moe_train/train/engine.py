@@ -5,8 +5,10 @@ of ``deepspeed.moe.layer.MoE`` (``has_moe_layers`` in its engine). Our ``MoELaye
 layer of its own, so without help DeepSpeed would average different experts' gradients
 over all ranks, silently (MOE_REFERENCE.md, "DeepSpeed facts"). ``make_visible_to_deepspeed``
 re-classes each MoE layer in place as a subclass of both (no wrapper: parameter names and
-our forward stay as they are) and builds DeepSpeed's expert groups from OUR topology,
-checking rank by rank that they are the same groups our all-to-all runs over.
+our forward stay as they are), and ``register_deepspeed_groups`` puts OUR expert groups
+(``parallel/groups.py``) in DeepSpeed's group registry, so DeepSpeed reduces over the very
+groups our all-to-all runs over and creates no second copy of them (a copy is a second
+set of communicators on every rank); ``check_deepspeed_groups`` verifies it rank by rank.
 
 Then, per ZeRO stage (tested in tests/test_engine.py):
   dense gradients   averaged over all ranks;
@@ -49,13 +51,21 @@ def _deepspeed_moe_class():
         (MoELayer comes first in the MRO); DeepSpeed's constructor never runs."""
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """Called by ``deepspeed.initialize``; where DeepSpeed's own layer creates its
+            expert groups. Ours are registered already (``register_deepspeed_groups``)."""
+            import torch.distributed as dist
             from deepspeed.utils import groups as ds_groups
 
             if use_data_before_expert_parallel_:
                 raise ValueError("deepspeed.use_data_before_expert_parallel_ changes DeepSpeed's "
                                  "expert layout away from moe_train's topology; remove it")
-            if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-                ds_groups._create_expert_and_data_parallel(self.ep_size)
+            if self.expert_group_name in ds_groups._get_expert_parallel_group_dict():
+                return
+            if dist.get_world_size() > 1:
+                raise RuntimeError(f"DeepSpeed's group registry holds no {self.expert_group_name} groups: "
+                                   "register_deepspeed_groups must run before deepspeed.initialize, "
+                                   "or DeepSpeed would create a second copy of moe_train's groups")
+            ds_groups._create_expert_and_data_parallel(self.ep_size)  # one process: groups of one
 
     return DeepSpeedVisibleMoELayer
 
@@ -71,7 +81,7 @@ def make_visible_to_deepspeed(model: nn.Module, ep_size: int) -> list[str]:
             module.__class__ = cls
             module.num_experts = module.cfg.num_experts
             module.ep_size = ep_size
-            module.expert_group_name = f"ep_size_{ep_size}"
+            module.expert_group_name = expert_group_name(ep_size)
             module.num_local_experts = module.num_local
             module.use_residual = False
             module.enable_expert_tensor_parallelism = False
@@ -79,25 +89,74 @@ def make_visible_to_deepspeed(model: nn.Module, ep_size: int) -> list[str]:
     return names
 
 
+def expert_group_name(ep_size: int) -> str:
+    """The key DeepSpeed files expert groups under (``deepspeed.utils.groups``)."""
+    return f"ep_size_{ep_size}"
+
+
+def _deepspeed_expert_registries() -> tuple[dict, dict, dict, dict]:
+    """DeepSpeed 0.19's expert group registry: this rank's EP group and its ranks, this
+    rank's EDP group and its ranks, each a dict keyed by ``expert_group_name``. Every
+    DeepSpeed reader (``_get_expert_parallel_group``, ``_get_expert_data_parallel_group``,
+    their ``_ranks``/``_rank``/``_world_size`` variants, ``_get_max_expert_size_name``,
+    the engine's ``expert_parallel_group`` dicts) reads these four."""
+    from deepspeed.utils import groups as ds_groups
+
+    return (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS)
+
+
+def register_deepspeed_groups(groups: ParallelGroups) -> None:
+    """Files this rank's EP and EDP groups (made once, by ``build_groups``) in DeepSpeed's
+    registry under ``expert_group_name(ep)``, so ``deepspeed.initialize`` finds them and
+    creates none of its own (``set_deepspeed_parallelism``). Call it on every rank before
+    ``deepspeed.initialize``.
+
+    The registry is emptied first: DeepSpeed names checkpoint files by the largest ep
+    registered (``_get_max_expert_size_name``), and a process that built an engine before
+    (``ckpt convert`` then training, a test) would otherwise keep groups of a process group
+    destroyed since. A single process holds no groups of ours; DeepSpeed then makes its
+    groups of one rank itself."""
+    ep_groups, ep_ranks, edp_groups, edp_ranks = registries = _deepspeed_expert_registries()
+    for registry in registries:
+        registry.clear()  # in place: DeepSpeed's readers hold these very dicts
+    topo = groups.topology
+    if topo.world_size == 1:
+        return
+    assert groups.ep_block is not None and groups.edp is not None, "groups not made by build_groups"
+    name = expert_group_name(topo.ep_size)
+    ep_groups[name], ep_ranks[name] = groups.ep_block, topo.ep_group_of(groups.rank)
+    edp_groups[name], edp_ranks[name] = groups.edp, topo.edp_group_of(groups.rank)
+
+
 def check_deepspeed_groups(groups: ParallelGroups) -> None:
-    """DeepSpeed's expert-parallel and expert-data-parallel groups must be exactly ours
-    (rank lists, this rank's view); raises RuntimeError naming the difference."""
+    """DeepSpeed's expert-parallel and expert-data-parallel groups must be exactly ours:
+    the same rank lists (this rank's view) and the same process group objects (not a
+    copy), and no other expert groups registered beside them. Raises RuntimeError naming
+    the difference."""
     import torch.distributed as dist
     from deepspeed.utils import groups as ds_groups
 
     topo = groups.topology
     if topo.world_size == 1:
         return
-    name = f"ep_size_{topo.ep_size}"
-    ours = {"expert-parallel": topo.ep_group_of(groups.rank),
-            "expert-data-parallel": topo.edp_group_of(groups.rank)}
-    theirs = {"expert-parallel": dist.get_process_group_ranks(ds_groups._get_expert_parallel_group(name)),
-              "expert-data-parallel": dist.get_process_group_ranks(
-                  ds_groups._get_expert_data_parallel_group(name))}
-    for kind in ours:
-        if sorted(theirs[kind]) != sorted(ours[kind]):
-            raise RuntimeError(f"rank {groups.rank}: DeepSpeed's {kind} group {sorted(theirs[kind])} "
-                               f"differs from moe_train's {ours[kind]}")
+    name = expert_group_name(topo.ep_size)
+    views = {"expert-parallel": (ds_groups._get_expert_parallel_group(name), groups.ep_block,
+                                 topo.ep_group_of(groups.rank)),
+             "expert-data-parallel": (ds_groups._get_expert_data_parallel_group(name), groups.edp,
+                                      topo.edp_group_of(groups.rank))}
+    for kind, (theirs, ours, ranks) in views.items():
+        got = sorted(dist.get_process_group_ranks(theirs))
+        if got != ranks:
+            raise RuntimeError(f"rank {groups.rank}: DeepSpeed's {kind} group {got} differs from "
+                               f"moe_train's {ranks}")
+        if theirs is not ours:
+            raise RuntimeError(f"rank {groups.rank}: DeepSpeed's {kind} group {got} is a copy of "
+                               "moe_train's, a second set of communicators; it should be moe_train's own")
+    registered = sorted(ds_groups._get_expert_parallel_group_dict())
+    if registered != [name]:
+        raise RuntimeError(f"rank {groups.rank}: DeepSpeed holds expert groups {registered}; "
+                           f"moe_train registered {name} only")
 
 
 # ------------------------------------------------------------------ optimizer groups
@@ -174,9 +233,11 @@ def build_engine(cfg: Config, model: nn.Module, groups: ParallelGroups) -> Engin
     optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay, foreach=False)
     ds_config = merged_deepspeed_config(cfg, topo.world_size)
+    if moe_layers:  # DeepSpeed wants expert groups only for a model with MoE layers
+        register_deepspeed_groups(groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=copy.deepcopy(ds_config), dist_init_required=False)
-    if moe_layers:  # DeepSpeed makes expert groups only for a model with MoE layers
+    if moe_layers:
         check_deepspeed_groups(groups)
     return Engine(engine, own_clipping=cfg.parallel.zero_stage == 0, ds_config=ds_config)
 
