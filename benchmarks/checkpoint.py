@@ -15,15 +15,27 @@ manifest's CRC-32 of every byte written; loads read files the save just wrote (t
 page cache: the cost of deserialising and placing, not of a cold disk). Bytes are every
 file of the checkpoint on disk (meta.json included).
 
+What a save costs besides time, per rank: its peak RSS above its RSS when the save
+began (``VmHWM`` reset through ``/proc/self/clear_refs``, MAX over --repeats; glibc's
+free memory is handed back first, ``malloc_trim``, so the save cannot reuse pages an
+earlier step left resident unseen), and the collectives it called through
+``torch.distributed`` (DeepSpeed's accessors, DCP and moe_train all call them there). Set against the dense state (12 bytes a
+dense parameter: what gathering it whole on every rank would hold) and the number of
+master/moment tensors (one collective each is what gathering per tensor costs).
+
 Analytic size: each parameter once (every expert once), as an fp32 master plus AdamW's two
 fp32 moments, 12 bytes a parameter (``sizing.param_counts``), plus the persistent buffers
 (the router's selection bias). Target: within 5% of it (DeepSpeed users have met
 checkpoints several times too large, DeepSpeed #2389).
 
-  python -m benchmarks.checkpoint [--configs tiny,large] [--repeats 2] [--json PATH]
+  python -m benchmarks.checkpoint [--configs tiny,medium,large] [--repeats 2] [--json PATH]
+                                  [--baseline OLD.json]
 
-"tiny" is configs/tiny_moe.yaml; "large" (~71M parameters, 50M of them in 32 experts)
-runs on a 2-core 24 GiB machine in a few minutes.
+"tiny" is configs/tiny_moe.yaml; "medium" (~19M parameters, 13M of them in experts) and
+"large" (~71M, 50M in experts) run on a 2-core 24 GiB machine in a few minutes.
+``--baseline``: a --json this benchmark wrote from other code (e.g. a checkout before a
+change); the canonical save's time, peak RSS and collectives are printed beside it and
+kept under "baseline" in the new --json.
 """
 
 from __future__ import annotations
@@ -46,6 +58,9 @@ WORLD, EP, ZERO = 2, 2, 2
 TARGET = 0.05  # within 5% of the analytic size
 CONFIGS = {
     "tiny": [],
+    "medium": ["model.vocab_size=8192", "model.d_model=256", "model.num_layers=8", "model.num_heads=4",
+               "model.d_ff=1024", "model.max_seq_len=64", "moe.num_experts=8", "moe.d_ff=512",
+               "data.seq_len=64", "data.micro_batch_size=1"],
     "large": ["model.vocab_size=8192", "model.d_model=512", "model.num_layers=8", "model.num_heads=8",
               "model.d_ff=2048", "model.max_seq_len=64", "moe.num_experts=8", "moe.d_ff=1024",
               "data.seq_len=64", "data.micro_batch_size=1"],
@@ -109,6 +124,65 @@ def _timed(fn, world: int) -> float:
     return float(took)
 
 
+COLLECTIVES = ("all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "gather",
+               "gather_object", "broadcast", "broadcast_object_list", "scatter", "scatter_object_list",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "barrier", "send",
+               "recv", "isend", "irecv", "batch_isend_irecv")
+
+
+class _Counted:
+    """Counts, while active, the collectives called through ``torch.distributed``."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self._saved = {name: getattr(dist, name) for name in COLLECTIVES}
+        for name, fn in self._saved.items():
+            setattr(dist, name, self._counting(name, fn))
+        return self
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _costed(fn, world: int) -> tuple[float, list[int], dict[str, int]]:
+    """(seconds on the slowest rank, every rank's peak RSS above its RSS before, the
+    collectives this rank called) of ``fn``; a collective."""
+    import torch.distributed as dist
+
+    _release_free_memory()
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+        f.write("5")
+    before, counted = _status_bytes("VmRSS"), _Counted()
+
+    def counting():
+        with counted:
+            fn()
+
+    took = _timed(counting, world)
+    peaks = [torch.zeros((), dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(peaks, torch.tensor(_status_bytes("VmHWM") - before))
+    return took, [int(p) for p in peaks], counted.calls
+
+
 def _one_step(engine, cfg) -> None:
     """One optimizer step on random tokens, so every AdamW moment exists."""
     from moe_train.moe.losses import total_loss
@@ -144,18 +218,25 @@ def measure(name: str, rank: int, root: Path, repeats: int) -> dict:
     kwargs = dict(model=engine.module, optimizer=engine.optimizer, state=state)
     times: dict[str, list[float]] = {k: [] for k in ("engine_save", "engine_load", "canonical_save",
                                                      "canonical_load")}
+    peaks: dict[str, list[list[int]]] = {"engine": [], "canonical": []}
     path = root / ckpt.step_dir_name(1)
+
+    def costed(kind: str, fn) -> dict:
+        took, peak, calls = _costed(fn, WORLD)
+        times[f"{kind}_save"].append(took)
+        peaks[kind].append(peak)
+        return calls
+
     for _ in range(repeats):
-        times["engine_save"].append(_timed(lambda: ckpt.save_checkpoint(
-            root, topo=topo, rank=rank, config=raw, keep_last=1, **kwargs), WORLD))
+        engine_calls = costed("engine", lambda: ckpt.save_checkpoint(
+            root, topo=topo, rank=rank, config=raw, keep_last=1, **kwargs))
 
         def engine_load():
             ckpt.load_model_weights(path, engine.module, topo, rank)
             load_optimizer_state(engine.optimizer, load_rank_state(path, rank)["optimizer"], WORLD)
 
         times["engine_load"].append(_timed(engine_load, WORLD))
-        times["canonical_save"].append(_timed(lambda: canonical.save(path, groups=groups, config=raw, **kwargs),
-                                              WORLD))
+        canonical_calls = costed("canonical", lambda: canonical.save(path, groups=groups, config=raw, **kwargs))
 
         def canonical_load():
             loaded = canonical.load(path / canonical.DIRNAME, engine.module, groups)
@@ -164,14 +245,32 @@ def measure(name: str, rank: int, root: Path, repeats: int) -> dict:
 
         times["canonical_load"].append(_timed(canonical_load, WORLD))
     files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    counts = param_counts(cfg.model, cfg.moe)
+    peak = {kind: [max(p[r] for p in peaks[kind]) for r in range(WORLD)] for kind in peaks}
     return {"engine": {"save_s": min(times["engine_save"]), "load_s": min(times["engine_load"]),
                        "bytes": sum(files.values()),
                        "weights_bytes": sum(v for k, v in files.items() if k.startswith(("model_", "experts_"))),
-                       "rank_files_bytes": sum(v for k, v in files.items() if k.startswith("rank"))},
+                       "rank_files_bytes": sum(v for k, v in files.items() if k.startswith("rank")),
+                       "save_peak_rss_bytes": peak["engine"], "save_collectives": engine_calls},
             "canonical": {"save_s": min(times["canonical_save"]), "load_s": min(times["canonical_load"]),
-                          "bytes": _dir_bytes(path / canonical.DIRNAME), **_canonical_parts(path / canonical.DIRNAME)},
+                          "bytes": _dir_bytes(path / canonical.DIRNAME), **_canonical_parts(path / canonical.DIRNAME),
+                          "save_peak_rss_bytes": peak["canonical"], "save_collectives": canonical_calls},
             "analytic_bytes": analytic_bytes(cfg, engine.module),
-            "parameters": param_counts(cfg.model, cfg.moe).total}
+            "dense_state_bytes": 12 * counts.dense, "expert_state_bytes_per_rank": 12 * counts.expert // EP,
+            "state_tensors": 3 * len(list(engine.module.parameters())),
+            "parameters": counts.total}
+
+
+def _release_free_memory() -> None:
+    """glibc's ``malloc_trim(0)``: the memory freed before a save, which malloc keeps
+    resident to reuse, handed back to the OS, so that what the save allocates shows in
+    its RSS instead of hiding in pages an earlier step left behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rank_main(rank: int, port: int, names: list[str], root: str, repeats: int, out: str) -> None:
@@ -244,19 +343,72 @@ def print_table(report: dict) -> None:
               f"again but rebuilt from the weights: moe_train.checkpoint.optimizer_state)")
 
 
+def _calls(calls: Optional[dict]) -> str:
+    """"total (of them on tensors: by name)"; the rest move pickled objects or wait."""
+    if calls is None:
+        return "-"
+    data = {k: n for k, n in sorted(calls.items()) if "object" not in k and k != "barrier"}
+    return f"{sum(calls.values())} ({sum(data.values())} on tensors{': ' if data else ''}" \
+           f"{', '.join(f'{n} {k}' for k, n in data.items())})"
+
+
+def _mib(values: Optional[list]) -> str:
+    return "-" if not values else "/".join(f"{v / 2 ** 20:.0f}" for v in values)
+
+
+def print_costs(report: dict) -> None:
+    """The saves' peak RSS and collectives against the state they move."""
+    print(f"\nwhat a save costs per rank: peak RSS above the RSS it began with (MiB, rank "
+          f"{'/'.join(str(r) for r in range(WORLD))}, max over repeats) and the collectives rank 0 called")
+    print(f"{'config':>6} {'params':>8} {'dense state MiB':>15} {'experts MiB/rank':>16} {'tensors':>7} | "
+          f"{'engine RSS':>10} {'collectives':<28} | {'canonical RSS':>13} collectives")
+    for name, r in report["configs"].items():
+        e, c = r["engine"], r["canonical"]
+        print(f"{name:>6} {r['parameters'] / 1e6:7.2f}M {r.get('dense_state_bytes', 0) / 2 ** 20:15.1f} "
+              f"{r.get('expert_state_bytes_per_rank', 0) / 2 ** 20:16.1f} {r.get('state_tensors', 0):7d} | "
+              f"{_mib(e.get('save_peak_rss_bytes')):>10} {_calls(e.get('save_collectives')):<28} | "
+              f"{_mib(c.get('save_peak_rss_bytes')):>13} {_calls(c.get('save_collectives'))}")
+
+
+def print_baseline(report: dict, baseline: dict) -> None:
+    """The canonical save here beside ``baseline`` (the same benchmark, other code)."""
+    print("\ncanonical save, baseline -> this code (time: slowest rank, min over repeats; RSS: per rank; "
+          "collectives: rank 0)")
+    print(f"{'config':>6} {'params':>8} | {'save s':>15} | {'peak RSS MiB':>21} | collectives")
+    for name, r in report["configs"].items():
+        old = baseline.get("configs", {}).get(name)
+        if old is None:
+            continue
+        o, c = old["canonical"], r["canonical"]
+        o_calls, c_calls = o.get("save_collectives"), c.get("save_collectives")
+        print(f"{name:>6} {r['parameters'] / 1e6:7.2f}M | {o['save_s']:6.3f} -> {c['save_s']:6.3f} | "
+              f"{_mib(o.get('save_peak_rss_bytes')):>9} -> {_mib(c.get('save_peak_rss_bytes')):<9} | "
+              f"{_calls(o_calls)} -> {_calls(c_calls)}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="tiny,large", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default="tiny,medium,large", help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="write {\"configs\": {NAME: {engine, canonical, "
                                                      "analytic_bytes}}} here")
     parser.add_argument("--dir", default=None, help="keep the checkpoints here (default: a temporary dir)")
+    parser.add_argument("--baseline", default=None, help="a --json of this benchmark from other code: its "
+                                                         "canonical save printed beside this one's")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     for name in names:
         bench_config(name)  # a bad name fails before any process starts
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     report = run(names, args.repeats, args.dir)
     print_table(report)
+    print_costs(report)
+    if baseline is not None:
+        print_baseline(report, baseline)
+        report["baseline"] = {"from": args.baseline, "configs": {
+            name: {"canonical": {k: v for k, v in r["canonical"].items()
+                                 if k in ("save_s", "save_peak_rss_bytes", "save_collectives")}}
+            for name, r in baseline.get("configs", {}).items() if name in report["configs"]}}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")

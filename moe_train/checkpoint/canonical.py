@@ -5,8 +5,9 @@ Why a second format: the engine checkpoint (``engine_format``) stores each rank'
 ZeRO partition of the optimizer, which only the same layout can read back. Stacks that
 move such state to another layout lose experts or moments on the way (DeepSpeed's
 universal checkpoint skips experts of layers it did not build, DeepSpeed #5716), so this
-one is built from the pieces that do hold: DeepSpeed's public accessors and
-``torch.distributed.checkpoint`` (DCP).
+one is built from the pieces that do hold: DeepSpeed's map of each parameter's slice of
+the ZeRO partitions (``_hp_mapping``, what its public ``safe_get_``/``safe_set_``
+accessors read and write) and ``torch.distributed.checkpoint`` (DCP).
 
 Layout, beside the engine files of the same step::
 
@@ -30,18 +31,26 @@ The learning rate needs no state: it is a pure function of the step
 (``moe_train.train.schedule``). The RNG is not carried over: a resume re-derives it from
 (seed, step, rank) and says so, since another layout has other ranks anyway.
 
-Gathering: ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` are
-all-reduces over the parameter's own data-parallel group (the expert-data-parallel group
-for experts), so every rank calls them for every parameter in the same order. At ZeRO 0
-they do not apply (no ``_hp_mapping``): the master is the parameter itself (fp32) or
-DeepSpeed's fp32 copy (bf16/fp16), and the moments are read from the optimizer's state.
+Who writes what (``gather_owned``): every tensor is written by exactly one rank (experts
+by one EP block), and no rank gathers the state whole. Under ZeRO 1/2 each rank holds a
+slice of every flat fp32 partition (DeepSpeed's ``_hp_mapping``); a tensor whole in one
+rank's partition (most are; the partitions are balanced already) is written by that rank
+straight from the partition, without a copy; a tensor split across partitions by the
+least loaded of its holders, which receives the other slices in one ``all_to_all_single``
+per bucket of at most ``BUCKET_BYTES`` over the parameter's data-parallel group (the EDP
+group for experts). A save's collectives: one small all-gather of who holds what, the
+buckets, the manifest's all-gather and DCP's own few; not the three all-reduces a
+parameter, each leaving the whole tensor on every rank, of DeepSpeed's
+``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` (the slow reference in
+``tests/test_canonical_cost.py``). At ZeRO 0 every rank holds everything whole (the master
+is the parameter at fp32, DeepSpeed's fp32 copy at bf16/fp16): no collective, each tensor
+written by one rank, balanced by bytes; steps and buffers too.
 
-Writing: experts are a ``DTensor`` sharded ``Shard(0)`` over the expert-parallel ranks
-(replicated over the expert-data-parallel ones), so each rank of the first EP block writes
-its own experts in parallel, no rank ever holds all of them, and a load reads only the
-rows of the experts it will own; DCP writes replicated dense tensors once (its planner
-de-duplicates them across ranks). The alternative, gathering everything onto rank 0,
-needs the whole model and optimizer (12 bytes a parameter) in one process's memory.
+Writing: experts are a ``DTensor`` sharded ``Shard(0)`` over the expert-parallel ranks of
+the EP block that writes them (the other blocks leave the key out), so each rank writes
+its own experts, no rank ever holds all of them, and a load reads only the rows of the
+experts it will own. Same keys, shapes, chunks and manifest as when every rank offered
+every tensor and DCP de-duplicated them; only which rank's file holds a tensor differs.
 
 Manifest (in meta.json): every file with its size and CRC-32, and every tensor with its
 global shape, dtype and a CRC-32 of its data; for expert tensors one CRC-32 per global
@@ -53,15 +62,17 @@ the expert); nothing missing is ever initialised instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 import moe_train.checkpoint.manifest as mf
@@ -78,6 +89,8 @@ KIND = "canonical"
 
 # ------------------------------------------------------------------------ gathering
 
+BUCKET_BYTES = 64 * 2 ** 20  # at most this much state moves in one collective of a save (fp32)
+
 
 def _names(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
     """(logical parameters, persistent buffers) by name; a tensor shared by several
@@ -88,45 +101,185 @@ def _names(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]
     return params, buffers
 
 
-def gather_state(model: nn.Module, optimizer) -> tuple[dict[str, Tensor], set[str]]:
-    """Every canonical tensor as this rank holds it (CPU copies): dense ones whole,
-    expert ones as this rank's ``[E_local, ...]`` rows. A collective: every rank calls
-    it. Returns (tensors by DCP key, the keys that are expert tensors)."""
+@dataclass
+class _Part:
+    """One canonical tensor in the save plan (the same list, in the same order, on every
+    rank). ``owner``: dense, the global rank that writes it; expert, the EDP index whose
+    EP block writes it (each rank of that block its own ``[E_local, ...]`` rows)."""
+
+    key: str
+    shape: tuple
+    expert: bool
+    index: int = -1  # position of its parameter in ``_names`` (the fragment maps key by it)
+    param: Optional[Tensor] = None
+    read: Optional[Callable[[], Tensor]] = None  # the tensor as stored; None: ZeRO fragments
+    owner: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _plan(model: nn.Module, view: OptimizerView) -> list[_Part]:
+    params, buffers = _names(model)
+    parts = []
+    for i, (name, p) in enumerate(params.items()):
+        shape, expert = tuple(p.shape), is_expert_param(p)
+        if not view.has(p):  # frozen: every rank holds the weight, its own master
+            parts.append(_Part(f"master/{name}", shape, expert, read=lambda p=p: p.detach().float()))
+            continue
+        for key in ("master", *MOMENTS):
+            read = None if view.kind == "flat" else (lambda p=p, key=key: view.get(p, key).float())
+            parts.append(_Part(f"{key}/{name}", shape, expert, i, p, read))
+        parts.append(_Part(f"step/{name}", (), False,
+                           read=lambda p=p: torch.tensor(view.get_step(p), dtype=torch.float32)))
+    parts += [_Part(f"buffer/{name}", tuple(b.shape), False, read=b.detach) for name, b in buffers.items()]
+    return parts
+
+
+def _assign(parts: list[_Part], maps: list[dict], members: list[int], load: list[int]) -> None:
+    """Writers for ``parts`` (every rank computes the same). A ZeRO-partitioned part goes
+    to a member holding some of it: whole in one partition, to that member (nothing
+    moves; the partitions are already balanced), else to the least loaded of its holders;
+    the rest each to the least loaded writer, largest first."""
+    held = {t.key: [maps[r].get(t.index, (0, 0))[1] for r in members] for t in parts if t.read is None}
+    for part in sorted(parts, key=lambda t: t.read is not None or max(held[t.key]) < t.numel):
+        if part.read is None:
+            holders = [i for i, n in enumerate(held[part.key]) if n] or [0]
+            part.owner = min(holders, key=lambda i: (load[i], -held[part.key][i], i))
+            load[part.owner] += part.numel
+    for part in sorted((t for t in parts if t.read is not None), key=lambda t: (-t.numel, t.key)):
+        part.owner = min(range(len(load)), key=load.__getitem__)
+        load[part.owner] += part.numel
+
+
+def _moves(parts: list[_Part], members: list[int], maps: list[dict], numel: int):
+    """What writers need from other members, in buckets of at most ``numel`` elements:
+    lists of (part, sender's index in ``members``, start, end) in the flattened part."""
+    bucket, room = [], numel
+    for part in parts:
+        for src, r in enumerate(members):
+            start, n = maps[r].get(part.index, (0, 0))
+            end = start + n
+            while src != part.owner and start < end:
+                take = min(room, end - start)
+                bucket.append((part, src, start, start + take))
+                start, room = start + take, room - take
+                if room == 0:
+                    yield bucket
+                    bucket, room = [], numel
+    if bucket:
+        yield bucket
+
+
+def _fragment(part: _Part) -> Tensor:
+    """This rank's ZeRO fragment of ``part`` (flat fp32, DeepSpeed's ``_hp_mapping``)."""
+    moment = part.key.split("/", 1)[0]
+    return part.param._hp_mapping.get_hp_fragment(None if moment == "master" else moment).detach().reshape(-1)
+
+
+def _alone(t: Tensor) -> Tensor:
+    """A CPU view into a larger buffer (a ZeRO partition) as a tensor sharing its bytes
+    whose storage is exactly them: DCP clones a tensor with a larger storage before writing
+    it, and those short-lived clones grew the rank's RSS by about all it wrote (glibc kept
+    the freed blocks; benchmarks/checkpoint.py). On a GPU DCP's copy to the host is the
+    only one anyway."""
+    if t.device.type != "cpu" or not t.numel() or not t.is_contiguous() or t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return torch.frombuffer(memoryview(t.reshape(-1).view(torch.uint8).numpy()), dtype=t.dtype).view(t.shape)
+
+
+def _gather_fragments(parts: list[_Part], members: list[int], group, maps: list[dict], rank: int,
+                      out: dict[str, Tensor], numel: int) -> dict[str, int]:
+    """Completes, on its writer only, each part partitioned over ``members`` (a ZeRO
+    data-parallel group: every rank for dense parameters, the EDP group for experts):
+    the writer already holds its own fragment (``gather_owned``); the other members'
+    fragments come in one ``all_to_all_single`` over ``group`` per bucket, each member
+    sending each writer only what that writer writes. Returns the elements each written
+    part received."""
+    me, filled = members.index(rank), {}
+    for bucket in _moves(parts, members, maps, numel):
+        send: list[list[Tensor]] = [[] for _ in members]
+        recv, places = [0] * len(members), []
+        for part, src, start, end in bucket:
+            if src == me:
+                first = maps[rank][part.index][0]
+                send[part.owner].append(_fragment(part)[start - first:end - first])
+            if part.owner == me:
+                recv[src] += end - start
+                places.append((src, part.key, start, end))
+        device = bucket[0][0].param.device  # where DeepSpeed's own gathers run (the backend's device)
+        got = torch.empty(sum(recv), dtype=torch.float32, device=device)
+        data = torch.cat([t for ts in send for t in ts]).to(device) if any(send) else got[:0]
+        dist.all_to_all_single(got, data, recv, [sum(t.numel() for t in ts) for ts in send], group=group)
+        offset = [sum(recv[:src]) for src in range(len(members))]
+        for src, key, start, end in places:  # per sender in bucket order: the order it sent in
+            out[key][start:end] = got[offset[src]:offset[src] + end - start]
+            offset[src] += end - start
+            filled[key] = filled.get(key, 0) + end - start
+    return filled
+
+
+def gather_owned(model: nn.Module, optimizer, groups: ParallelGroups,
+                 bucket_bytes: int = BUCKET_BYTES) -> tuple[dict[str, Tensor], set[str]]:
+    """The canonical tensors THIS rank writes (CPU; fp32 but buffers): each dense tensor
+    on one rank, each expert tensor on one EP block (``_assign``), as each rank's
+    ``[E_local, ...]`` rows. A collective: every rank calls it. A tensor whole in this
+    rank's ZeRO partition, and ZeRO 0 state, steps and buffers (every rank holds those
+    whole), are the rank's own tensors, not copies: nothing changes them while the save
+    runs. Returns (tensors by DCP key, the keys that are expert tensors)."""
     view = OptimizerView(optimizer, model)
     view.ensure_state()
-    params, buffers = _names(model)
-    out, expert_keys = {}, set()
-    for name, p in params.items():
-        keys = [f"master/{name}"] + ([f"{m}/{name}" for m in MOMENTS] if view.has(p) else [])
-        for key in keys:
-            value = view.get(p, key.split("/", 1)[0])
-            out[key] = (value if value is not None else p.detach()).float().cpu().clone()
-        if view.has(p):
-            out[f"step/{name}"] = torch.tensor(view.get_step(p), dtype=torch.float32)
-        if is_expert_param(p):
-            expert_keys.update(k for k in keys)
-    for name, b in buffers.items():
-        out[f"buffer/{name}"] = b.detach().cpu().clone()
-    return out, expert_keys
+    topo, rank = groups.topology, groups.rank
+    parts = _plan(model, view)
+    flat = [t for t in parts if t.read is None]
+    frags = {t.index: (m.lp_fragment_address.start, m.lp_fragment_address.numel)
+             for t in flat if (m := getattr(t.param, "_hp_mapping", None)) is not None}
+    maps = gather(frags, topo.world_size) if flat else []  # one small all-gather: who holds what
+    dense, experts = list(range(topo.world_size)), topo.edp_group_of(rank)
+    _assign([t for t in parts if not t.expert], maps, dense, [0] * len(dense))
+    _assign([t for t in parts if t.expert], maps, experts, [0] * len(experts))
+    mine = [t for t in parts if t.owner == (experts.index(rank) if t.expert else rank)]
+    out, filled = {}, {}
+    for t in mine:
+        start, n = frags.get(t.index, (0, 0))
+        if t.read is not None:
+            out[t.key], n = _alone(t.read().cpu()), t.numel
+        elif n == t.numel and n:  # whole in this rank's partition: a view of it, no copy
+            out[t.key] = _alone(_fragment(t))
+        else:
+            out[t.key] = torch.empty(t.numel, dtype=torch.float32)
+            if n:
+                out[t.key][start:start + n] = _fragment(t)
+        filled[t.key] = n
+    numel = max(1, bucket_bytes // 4)
+    for members, group, expert in ((dense, groups.dp, False), (experts, groups.edp, True)):
+        if len(members) > 1:
+            for key, n in _gather_fragments([t for t in flat if t.expert == expert], members, group, maps,
+                                            rank, out, numel).items():
+                filled[key] += n
+    for t in mine:
+        assert filled[t.key] == t.numel, f"{t.key}: {filled[t.key]} of {t.numel} elements gathered"
+        if t.read is None:
+            out[t.key] = out[t.key].view(t.shape)
+    return out, {t.key for t in mine if t.expert}
 
 
 # --------------------------------------------------------------------------- manifest
 
 
 def _records(tensors: dict[str, Tensor], expert_keys: set[str], groups: ParallelGroups) -> dict:
-    """Manifest records of the tensors this rank is responsible for: dense tensors
-    round-robin over the ranks, expert rows on the first EP block (one CRC per expert)."""
-    topo, rank = groups.topology, groups.rank
+    """Manifest records of the tensors this rank writes: dense ones whole, expert ones
+    one CRC per expert (this rank's rows)."""
+    first = groups.topology.local_experts(groups.rank).start
     out = {}
-    for i, key in enumerate(sorted(tensors)):
+    for key in sorted(tensors):
         t = tensors[key]
         if key in expert_keys:
-            if rank < topo.ep_size:
-                first = topo.local_experts(rank).start
-                out[key] = {"rows": {first + j: mf.tensor_crc32(t[j]) for j in range(t.shape[0])},
-                            "shape": [topo.num_experts, *t.shape[1:]],
-                            "dtype": str(t.dtype).removeprefix("torch.")}
-        elif i % topo.world_size == rank:
+            out[key] = {"rows": {first + j: mf.tensor_crc32(t[j]) for j in range(t.shape[0])},
+                        "shape": [groups.topology.num_experts, *t.shape[1:]],
+                        "dtype": str(t.dtype).removeprefix("torch.")}
+        else:
             out[key] = mf.tensor_record(t)
     return out
 
@@ -216,8 +369,10 @@ def _agree(error: Optional[str], world: int) -> list[str]:
 
 
 def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: TrainState,
-         groups: ParallelGroups, config: dict) -> Path:
-    """Writes ``step_dir/canonical`` atomically (module docstring). Every rank calls it.
+         groups: ParallelGroups, config: dict, bucket_bytes: int = BUCKET_BYTES) -> Path:
+    """Writes ``step_dir/canonical`` atomically (module docstring). Every rank calls it;
+    each writes only the tensors ``gather_owned`` gives it (``bucket_bytes``: at most this
+    much ZeRO state moves in one collective).
 
     Raises:
         CheckpointError on every rank when any rank failed; nothing was published and
@@ -226,7 +381,7 @@ def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: TrainState
     step_dir = Path(step_dir)
     tmp, final = step_dir / f".tmp_{DIRNAME}", step_dir / DIRNAME
     topo, rank, world = groups.topology, groups.rank, groups.topology.world_size
-    tensors, expert_keys = gather_state(model, optimizer)
+    tensors, expert_keys = gather_owned(model, optimizer, groups, bucket_bytes)
     records = gather(_records(tensors, expert_keys, groups), world)
     error = None
     if rank == 0:
@@ -306,10 +461,11 @@ def read_all(path: str | Path) -> dict[str, Tensor]:
     return out
 
 
-def verify(path: str | Path) -> list[str]:
+def verify(path: str | Path, checksums: bool = True) -> list[str]:
     """Every problem of the canonical checkpoint at ``path`` (empty: sound): meta.json,
-    every file's presence, size and CRC-32; when a file differs, the tensors are read to
-    name the ones that differ. Needs no model and no process group."""
+    every file's presence, size and (``checksums``) CRC-32; when a file differs, the
+    tensors are read to name the ones that differ. Needs no model and no process group.
+    ``checksums=False`` reads no file (a resume: each rank checks what it loads)."""
     path = Path(path)
     meta = read_meta(path)
     if meta is None:
@@ -324,7 +480,7 @@ def verify(path: str | Path) -> list[str]:
         elif p.stat().st_size != entry["bytes"]:
             problems.append(f"{path}/{name}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} "
                             f"(truncated or rewritten)")
-        elif mf.file_crc32(p) != entry["crc32"]:
+        elif checksums and mf.file_crc32(p) != entry["crc32"]:
             problems.append(f"{path}/{name}: corrupted (checksum differs from the manifest)")
     for p in sorted(path.iterdir()):
         if p.is_file() and p.name not in manifest["files"] and p.name != "meta.json":
