@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moe_train.checkpoint as ckpt
+from moe_train.checkpoint.engine_format import load_rank_state
 from moe_train.checkpoint.resume import same_layout
 from moe_train.config import Config, config_to_dict
 from moe_train.model.transformer import MoETransformer
@@ -100,6 +101,23 @@ def test_flipped_byte_in_a_weight_and_in_a_moment_are_named(saved):
     assert ckpt.find_checkpoint(root, "auto").name == "step_00000001"
 
 
+def test_before_a_resume_one_rank_checks_shared_files_and_each_rank_its_own(saved):
+    """verify_checkpoint(checksums=False), what rank 0 runs before a training resume,
+    reads no file and stats no per-rank file, so its time grows with neither the bytes
+    nor the world size; the rank whose file is gone or cut finds out as it loads it."""
+    root, step2, *_ = saved
+    (step2 / "rank00000.pt").unlink()
+    assert ckpt.verify_checkpoint(step2, checksums=False) == []
+    assert any("rank00000.pt: file is missing" in p for p in ckpt.verify_checkpoint(step2))
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 0: checkpoint \S+: rank00000.pt is missing"):
+        load_rank_state(step2, 0)
+    with open(step2 / "experts_ep000.pt", "r+b") as f:  # a shared file: rank 0 sees it
+        f.truncate(100)
+    assert ckpt.verify_checkpoint(step2, checksums=False) == [
+        f"{step2}/experts_ep000.pt: 100 bytes, the manifest says "
+        f"{ckpt.read_meta(step2)['manifest']['files']['experts_ep000.pt']['bytes']} (truncated or rewritten)"]
+
+
 def test_ckpt_verify_command(saved):
     root, step2, *_ = saved
     cmd = [sys.executable, "-m", "moe_train", "ckpt", "verify"]
@@ -125,3 +143,11 @@ def test_weights_only_checkpoint_loads_at_another_ep(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert not same_layout(meta, Topology(1, 1, 4), config_to_dict(cfg))
+
+
+def test_resume_check_benchmark_runs_and_both_checks_choose_the_checkpoint():
+    from benchmarks.resume_check import main as resume_check
+
+    rows = resume_check(["--ranks", "2", "4", "--file-kib", "4"])["rows"]
+    assert [r["rank_files"] for r in rows] == [2, 4]
+    assert all(r["full_crc_s"] > 0 and r["sizes_only_s"] > 0 for r in rows)

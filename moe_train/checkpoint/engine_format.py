@@ -186,7 +186,17 @@ def load_model_weights(path: Path, model: nn.Module, topo: Topology, rank: int) 
 
 
 def _load_checked(path: Path, name: str, manifest: Optional[dict], rank: int) -> Any:
-    """torch.load of one checkpoint file, compared tensor by tensor with the manifest."""
+    """torch.load of one checkpoint file, checked for presence and size first, then
+    compared tensor by tensor with the manifest (the check of a rank's own file: one rank
+    does not check all of them before a resume)."""
+    entry = (manifest or {}).get("files", {}).get(name)
+    if entry is not None:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"rank {rank}: checkpoint {path}: {name} is missing (the manifest lists it)")
+        if file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"rank {rank}: checkpoint {path}: {name} is {file.stat().st_size} bytes, the "
+                                  f"manifest says {entry['bytes']} (truncated or rewritten)")
     obj = load_file(path / name)
     mf.check_loaded(manifest, name, obj, f"rank {rank}: checkpoint {path}")
     return obj

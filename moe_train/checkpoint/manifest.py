@@ -138,6 +138,9 @@ def verify_files(root: Path, manifest: dict, load: Callable[[Path], Any],
         # Name the tensors that differ first: more useful than "the file differs".
         resized = ([f"{where}: {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"]
                    if size != entry["bytes"] else [])
+        if not checksums:  # read nothing: the size is the finding
+            problems.extend(resized)
+            continue
         try:
             obj = load(path)
         except Exception as err:  # a torn zip or pickle: the file cannot be read at all

@@ -42,7 +42,8 @@ def find_checkpoint(root: str | Path, resume: str, checksums: bool = True,
     """``resume``: "none" -> None; "auto" -> the newest complete checkpoint under
     ``root`` (``latest`` if it is complete, else a scan) that is not in ``exclude``, or
     None; anything else is a path, which must be a complete checkpoint (CheckpointError
-    otherwise). ``checksums=False``: presence and sizes only (``verify_checkpoint``)."""
+    otherwise). ``checksums=False``: presence and sizes of the shared files only, each rank
+    checking its own file as it loads it (``verify_checkpoint``)."""
     if resume == "none":
         return None
     if resume != "auto":
@@ -55,7 +56,8 @@ def find_checkpoint(root: str | Path, resume: str, checksums: bool = True,
         return path
     root = Path(root)
     pointer = root / LATEST
-    candidates = [p for p, _, ok in reversed(list_checkpoints(root)) if ok and p not in exclude]
+    candidates = [p for p, _, ok in reversed(list_checkpoints(root, rank_files=checksums))
+                  if ok and p not in exclude]
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if named in candidates:

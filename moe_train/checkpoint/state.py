@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -60,25 +61,31 @@ def read_meta(path: Path) -> Optional[dict]:
         return None
 
 
-def is_complete(path: Path) -> bool:
-    """meta.json present and every file it lists present with its recorded size."""
+RANK_FILE = re.compile(r"rank\d{5}\.pt")  # one per rank: optimizer partition and RNG
+
+
+def is_complete(path: Path, rank_files: bool = True) -> bool:
+    """meta.json present and every file it lists present with its recorded size.
+    ``rank_files=False`` leaves out the one-per-rank files (``RANK_FILE``): what one
+    rank checks at a resume in time independent of the world size, each rank then
+    checking its own file as it loads it."""
     meta = read_meta(path)
     if not meta or not meta.get("complete"):
         return False
     return all((path / name).is_file() and (path / name).stat().st_size == size
-               for name, size in meta["files"].items())
+               for name, size in meta["files"].items() if rank_files or not RANK_FILE.fullmatch(name))
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[Path, Optional[dict], bool]]:
+def list_checkpoints(root: str | Path, rank_files: bool = True) -> list[tuple[Path, Optional[dict], bool]]:
     """(path, meta or None, complete) for every step directory and in-progress save,
-    oldest first."""
+    oldest first (``rank_files``: as for ``is_complete``)."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for path in sorted(root.iterdir()):
         if path.is_dir() and (path.name.startswith("step_") or path.name.startswith(".tmp_step_")):
-            complete = path.name.startswith("step_") and is_complete(path)
+            complete = path.name.startswith("step_") and is_complete(path, rank_files)
             out.append((path, read_meta(path), complete))
     return out
 
@@ -168,7 +175,8 @@ def publish(root: Path, tmp: Path, final: Path, state: TrainState, topo: Topolog
     pointer_tmp = root / f".{LATEST}.tmp"
     pointer_tmp.write_text(final.name + "\n")
     os.replace(pointer_tmp, root / LATEST)
-    complete = [p for p, _, ok in list_checkpoints(root) if ok and p != final]
+    # Rank files are not stat'ed here: pruning must not cost rank 0 time per rank.
+    complete = [p for p, _, ok in list_checkpoints(root, rank_files=False) if ok and p != final]
     with_canonical = [p for p in complete if _has_canonical(p)]
     keep = {with_canonical[-1]} if with_canonical else set()  # somewhere to change layout from
     for old in complete[:max(len(complete) - (keep_last - 1), 0)]:
