@@ -388,23 +388,34 @@ def save(step_dir: str | Path, *, model: nn.Module, optimizer, state: TrainState
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        except OSError as err:
-            error = f"rank 0: cannot create {tmp}: {err}"
+        except Exception as err:  # noqa: BLE001 - any failure must reach the agreement
+            error = f"rank 0: cannot create {tmp}: {one_line_error(err)}"
     _raise_if(_agree(error, world), state.step, tmp, rank)
     import torch.distributed.checkpoint as dcp
 
+    own: dict = {}
     try:
         dcp.save(_as_dcp(tensors, expert_keys, _mesh(groups)), checkpoint_id=str(tmp))
+        own = _own_file_entries(tmp, rank)
     except _dcp_errors() as err:  # DCP re-raises every rank's failure on every rank
         error = f"rank {rank}: writing {tmp} failed: {one_line_error(err)}"
     _raise_if(_agree(error, world), state.step, tmp, rank)
+    entries = {name: entry for part in gather(own, world) for name, entry in part.items()}
     if rank == 0:
         try:
-            _publish(tmp, final, state, topo, config, _merge_records(records), scaler_state(optimizer))
-        except OSError as err:
-            error = f"rank 0: publishing {final} failed: {err}"
+            _publish(tmp, final, state, topo, config, _merge_records(records), scaler_state(optimizer), entries)
+        except Exception as err:  # noqa: BLE001
+            error = f"rank 0: publishing {final} failed: {one_line_error(err)}"
     _raise_if(_agree(error, world), state.step, tmp, rank)
     return final
+
+
+def _own_file_entries(tmp: Path, rank: int) -> dict:
+    """Manifest entries (CRC-32, bytes) of the data files this rank just wrote (DCP names
+    them ``__{rank}_{i}.distcp``): each rank reads back only its own, in parallel, so no
+    rank reads the whole checkpoint."""
+    return {p.name: {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
+            for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
 
 
 def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
@@ -417,9 +428,13 @@ def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
 
 
 def _publish(tmp: Path, final: Path, state: TrainState, topo, config: dict, records: dict,
-             scaler: dict) -> None:
-    entries = {p.name: {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
-               for p in sorted(tmp.iterdir()) if p.is_file()}
+             scaler: dict, entries: dict) -> None:
+    """Rank 0: ``entries`` (every rank's own files) plus the files no rank claimed (DCP's
+    ``.metadata``), then meta.json and the rename."""
+    entries = dict(entries)
+    for p in sorted(tmp.iterdir()):
+        if p.is_file() and p.name not in entries:
+            entries[p.name] = {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
     manifest = mf.build_manifest(entries)
     manifest["tensors"] = records
     meta = {"format": FORMAT_VERSION, "kind": KIND, "complete": True, "step": state.step,
