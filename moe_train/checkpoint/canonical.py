@@ -617,5 +617,3 @@ def restore_optimizer(optimizer, model: nn.Module, loaded: Loaded) -> str:
     adam_steps = sorted(set(steps.values()))
     return (f"AdamW step {', '.join(f'{s:g}' for s in adam_steps)}"
             f"{restore_scaler(optimizer, loaded.meta.get('loss_scaler', {}))}")
-
-
