@@ -25,8 +25,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     faults = Faults.from_env()  # empty unless a test asked for faults (moe_train/train/faults.py)
     try:
         result = train(cfg, resume=args.resume, stop=EARLY_STOP, faults=faults)
-    except (ValueError, CheckpointError):
+    except ValueError:
         raise
+    except CheckpointError as err:  # the CLI's one line, then out without interpreter shutdown,
+        # whose teardown of gloo and DeepSpeed threads can abort (SIGABRT) while a peer exits
+        sys.stderr.write(f"moe-train train: checkpoint error: {err}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(3)
     except Exception as err:  # a dead peer, a timeout, a bug: say where, exit non-zero now
         sys.stderr.write(failure_report(err))
         sys.stderr.flush()
