@@ -63,10 +63,10 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg, groups: ParallelGro
             if groups.dp is not None:
                 PHASE.enter("the per-step agreement all-reduce (loss finite? stop requested?)")
                 dist.all_reduce(packed, group=groups.dp)
-            skip, want_stop = bool(packed[0] > 0), bool(packed[1] > 0)
-            mean_lm = float(packed[2]) / groups.topology.world_size
-            if skip:
-                loss = loss * float("nan")
+            # On the device, not read by the host here: a host read between the last forward
+            # and its backward would stall queuing the backward until the forward is done
+            # (a GPU sync). The flags are read after the optimizer step, which syncs anyway.
+            loss = loss * torch.where(packed[0] > 0, float("nan"), 1.0)
         PHASE.enter(f"backward of micro-batch {micro + 1}/{gas} (gradient reduction at the last)")
         ds.backward(loss)
         sums["loss"] += loss.detach() / gas
@@ -80,12 +80,21 @@ def train_step(engine: Engine, batches: Iterator[dict], cfg, groups: ParallelGro
         grad_norm = float(clip_grad_norm_(ds.module, cfg.optim.grad_clip, groups))
         if not math.isfinite(grad_norm):
             ds.zero_grad()  # ZeRO 0: gradients live in .grad; drop them, take no step
+            skip, want_stop, mean_lm = _flags(packed, groups)
             return StepOut(sums, out.moe_stats, grad_norm, True, want_stop, mean_lm, digest)
     skipped_before = ds.skipped_steps
     PHASE.enter("optimizer step (ZeRO gradient norm, update, parameter all-gather)")
     ds.step()
+    skip, want_stop, mean_lm = _flags(packed, groups)
     skipped = skip or ds.skipped_steps > skipped_before
     if grad_norm is None:
         norm = ds.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
     return StepOut(sums, out.moe_stats, grad_norm, skipped, want_stop, mean_lm, digest)
+
+
+def _flags(packed: torch.Tensor, groups: ParallelGroups) -> tuple[bool, bool, float]:
+    """(any rank's loss non-finite, any rank asked to stop, lm loss averaged over ranks):
+    the host's one read of the step's agreement, after the backward."""
+    bad, stop, lm_sum = packed.tolist()
+    return bad > 0, stop > 0, lm_sum / groups.topology.world_size
