@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.host_reads import HostReads
 from moe_train.config import Config
 from moe_train.model.transformer import MoETransformer
 from moe_train.parallel.groups import ParallelGroups
@@ -15,7 +16,6 @@ from moe_train.train.control import StopRequest
 from moe_train.train.engine import Engine
 from moe_train.train.faults import Faults
 from moe_train.train.step import train_step
-from sync_counter import HostReads
 
 
 class OneProcessEngine:
@@ -82,3 +82,20 @@ def test_a_non_finite_loss_and_a_stop_still_act_through_the_device_flags():
     assert reads.between("forward done", "backward") == []
     assert out.skipped and out.stop
     assert torch.isnan(ds.last_loss)  # the last backward got NaN: every rank's optimizer skips alike
+
+
+def test_host_reads_counts_what_reads_and_not_what_does_not():
+    t = torch.arange(6.0)
+    with HostReads() as reads:
+        reads.mark("a")
+        _ = t * 2 + 1  # device work only
+        reads.mark("b")
+        bool(t[0] > 0), float(t[1]), t.tolist(), t.numpy(), t[t > 2], torch.bincount(t.long())
+        t.repeat_interleave(2), t.repeat_interleave(torch.full((6,), 2), output_size=12)  # no read
+        torch.full((6,), 2).repeat_interleave(torch.full((6,), 2))  # a read: its size is data
+        reads.mark("c")
+    assert reads.between("a", "b") == []
+    assert reads.between("b", "c") == [
+        "_local_scalar_dense", "_local_scalar_dense", "tolist", "numpy", "boolean-mask index", "bincount",
+        "repeat_interleave without output_size"]
+    assert torch.Tensor.tolist(t) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # unpatched again

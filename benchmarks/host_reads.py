@@ -12,6 +12,12 @@ Counted: the aten ops that read a value on the host (``_local_scalar_dense``: ``
 ``unique``, ``bincount``, ``masked_select``, boolean-mask indexing, ``repeat_interleave``
 without ``output_size``), and ``Tensor.tolist`` / ``Tensor.numpy``, which do not dispatch
 on a CPU tensor and are patched for the duration.
+
+    python -m benchmarks.host_reads
+
+prints the reads of one MoE layer's forward + backward at ep 1 for a capacity (Switch)
+and a dropless config: the counts issue 17 wants at 0 (capacity) and 0 (dropless, ep 1).
+The tests use ``HostReads`` (``tests/test_step_syncs.py``).
 """
 
 from __future__ import annotations
@@ -87,3 +93,35 @@ class HostReads(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.Tensor.tolist, torch.Tensor.numpy = self._saved
         return super().__exit__(*exc)
+
+
+def layer_reads(cfg, d_model: int = 16, tokens: int = 128) -> list[str]:
+    """The host reads of one training forward + backward of a ``MoELayer`` at ep 1."""
+    from moe_train.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, d_model).train()
+    x = torch.randn(2, tokens // 2, d_model, requires_grad=True)
+    with HostReads() as reads:
+        out = layer(x)
+        (out.y.float().sum() + out.aux_loss + out.z_loss).backward()
+    return reads.reads
+
+
+def main() -> dict:
+    from collections import Counter
+
+    from moe_train.moe import MoEConfig
+
+    results = {}
+    for name, kw in (("top-1, capacity 1.25 (Switch)", dict(num_experts=8, top_k=1, capacity_factor=1.25)),
+                     ("top-2, dropless", dict(num_experts=8, top_k=2, capacity_factor=None))):
+        reads = layer_reads(MoEConfig(d_ff=32, **kw))
+        results[name] = len(reads)
+        print(f"{name}: {len(reads)} host reads in one MoE layer forward + backward at ep 1 "
+              f"({dict(Counter(reads))})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
