@@ -132,10 +132,108 @@ def test_flex_refuses_what_it_cannot_do_on_cpu():
 
 
 def test_auto_impl_rule():
-    assert resolve_impl("auto", torch.device("cpu"), 0.0) == "sdpa"
-    assert resolve_impl("auto", torch.device("cuda"), 0.0) == "flex"
-    assert resolve_impl("auto", torch.device("cuda"), 0.1) == "sdpa"
-    assert resolve_impl("flex", torch.device("cpu"), 0.0) == "flex"
+    """auto: SDPA is_causal for full causal attention without ALiBi on every device, flex
+    only for the other patterns and ALiBi on CUDA without dropout, SDPA on CPU."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    full = AttentionPattern("full")
+    assert resolve_impl("auto", cuda, 0.0, full) == "sdpa"
+    assert resolve_impl("auto", cuda, 0.0, full, alibi=False) == "sdpa"
+    assert resolve_impl("auto", cuda, 0.0, full, alibi=True) == "flex"
+    for pattern in PATTERNS[1:]:
+        for alibi in (False, True):
+            assert resolve_impl("auto", cuda, 0.0, pattern, alibi) == "flex"
+            assert resolve_impl("auto", cuda, 0.1, pattern, alibi) == "sdpa"
+            assert resolve_impl("auto", cpu, 0.0, pattern, alibi) == "sdpa"
+    assert resolve_impl("auto", cpu, 0.0, full) == "sdpa"
+    assert resolve_impl("auto", cuda, 0.1) == "sdpa"
+    assert resolve_impl("auto", cpu, 0.0) == "sdpa"
+    assert resolve_impl("auto", cuda, 0.0) == "auto"  # no pattern: attend decides with its own
+    assert resolve_impl("flex", cpu, 0.0, full) == "flex"
+    assert resolve_impl("sdpa", cuda, 0.0, PATTERNS[1], True) == "sdpa"
+
+
+def sdpa_spy(monkeypatch):
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_full_causal_auto_is_sdpa_is_causal_without_a_mask(device, monkeypatch):
+    """The default model's attention (full, rope, auto) makes one SDPA call per layer with
+    is_causal=True and no mask tensor, through the module (layers.py) and through attend."""
+    calls = sdpa_spy(monkeypatch)
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: pytest.fail("auto compiled flex"))
+    cfg = small_cfg()
+    attn = Attention(cfg).to(device)
+    x = torch.randn(2, 9, 32, device=device)
+    attn(x, tuple(t.to(device) for t in rope_tables(cfg, 9))).sum().backward()
+    q, k, v = (t.to(device) for t in qkv(9))
+    attend(q, k, v, AttentionPattern("full"), "auto")
+    assert len(calls) == 2
+    for kwargs in calls:
+        assert kwargs.get("is_causal") is True and kwargs.get("attn_mask") is None, kwargs
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_is_causal_equals_the_masked_sdpa(device):
+    """SDPA is_causal (auto's full path) against SDPA with the explicit [S, S] causal mask
+    (the dense path): outputs and gradients, MHA and GQA, lengths around a kernel tile."""
+    full = AttentionPattern("full")
+    tol = dict(atol=2e-6, rtol=2e-5) if device == "cpu" else dict(atol=1e-5, rtol=1e-4)  # CUDA: other kernels
+    for S, G in ((1, 4), (17, 2), (130, 4), (257, 1)):
+        q, k, v = (t.detach().to(device).requires_grad_() for t in qkv(S, G=G))
+        out = attend(q, k, v, full, "auto")
+        want = attend(q, k, v, full, "sdpa_dense")
+        torch.testing.assert_close(out, want, **tol)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, atol=10 * tol["atol"], rtol=10 * tol["rtol"])
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention")
+def test_flex_at_new_lengths_compiles_a_bounded_number_of_times():
+    """Evaluation at 17, 33 and 65 tokens, then generation growing one token at a time
+    for 20 tokens, then 200 tokens (two 128-blocks): flex (ALiBi, a window) gives SDPA's
+    logits and tokens; the first length compiles a kernel that every length up to one
+    128-block reuses (static shapes compiled again at the second length), all of it takes
+    at most FLEX_GRAPHS_PER_VARIANT graphs, and the block-mask cache stays in its LRU."""
+    from torch._dynamo.utils import counters
+
+    from moe_train.inference.generate import sample_tokens
+
+    def model(impl):
+        torch.manual_seed(0)
+        cfg = small_cfg(position="alibi", attention="sliding_window", window=5, attention_impl=impl, max_seq_len=256)
+        return MoETransformer(cfg, MoEConfig(num_experts=2, d_ff=8, capacity_factor=None,
+                                             eval_capacity_factor=None)).eval()
+
+    flex, sdpa = model("flex"), model("sdpa")
+    sdpa.load_state_dict(flex.state_dict())
+    attention.flex_block_mask.cache_clear()
+    start = counters["stats"]["unique_graphs"]
+
+    def same_logits(S):
+        with torch.no_grad():
+            ids = torch.randint(0, 40, (1, S))
+            torch.testing.assert_close(flex(ids).logits_BSV, sdpa(ids).logits_BSV, atol=1e-5, rtol=1e-5)
+
+    same_logits(17)
+    first = counters["stats"]["unique_graphs"]
+    same_logits(33)
+    same_logits(65)
+    context = torch.randint(0, 40, (65,)).tolist()
+    assert sample_tokens(flex, context, 20, temperature=0) == sample_tokens(sdpa, context, 20, temperature=0)
+    assert counters["stats"]["unique_graphs"] == first  # 33 .. 84 tokens: no compile
+    same_logits(200)
+    assert 1 <= counters["stats"]["unique_graphs"] - start <= attention.FLEX_GRAPHS_PER_VARIANT
+    info = attention.flex_block_mask.cache_info()  # generation's first step reuses length 65's mask
+    assert info.misses == 3 + 19 + 1 and info.currsize == attention.FLEX_BLOCK_MASKS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA (none on CPU)")
@@ -184,7 +282,7 @@ def test_model_is_causal_for_every_pattern(pattern, position, monkeypatch):
 
 
 def test_full_attention_unchanged():
-    """Defaults (full, rope unscaled, auto -> SDPA is_causal on CPU) give exactly the
+    """Defaults (full, rope unscaled, auto -> SDPA is_causal on any device) give exactly the
     computation of before this module: the same tables, the same SDPA call."""
     torch.manual_seed(0)
     cfg = small_cfg(qk_norm=True)

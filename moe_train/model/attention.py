@@ -21,18 +21,25 @@ whatever the pattern.
 
 Implementations (``model.attention_impl``; ``resolve_impl`` decides "auto"):
 
-  flex   ``torch.nn.attention.flex_attention``, compiled, with a block mask built once per
-         (pattern, length, device) by ``create_block_mask`` (blocks that the pattern
-         masks out entirely are skipped, so a window costs O(S W)), ALiBi as a
-         ``score_mod``. No attention dropout. On CPU (torch 2.13) it has a compiled
+  auto   full causal attention without ALiBi: sdpa's ``is_causal`` on every device (no
+         mask tensor, no compile; FlashAttention / cuDNN / memory-efficient kernels on
+         CUDA). The windowed, block and Longformer patterns, and any pattern with ALiBi:
+         flex on CUDA without attention dropout, sdpa otherwise (CPU, or dropout > 0).
+  flex   ``torch.nn.attention.flex_attention``, compiled once with the sequence length
+         dynamic (one kernel serves every length: evaluation and generation at new
+         lengths do not recompile; at most ``FLEX_GRAPHS_PER_VARIANT`` graphs per pattern,
+         ALiBi, dtype and device), with a block mask built by ``create_block_mask`` per
+         (pattern, length, device) and kept in an LRU of ``FLEX_BLOCK_MASKS`` (blocks that
+         the pattern masks out entirely are skipped, so a window costs O(S W)), ALiBi as
+         a ``score_mod``. No attention dropout. On CPU (torch 2.13) it has a compiled
          forward but no backward: usable for evaluation and generation only.
   sdpa   ``F.scaled_dot_product_attention``. Full attention without ALiBi: ``is_causal``
-         (FlashAttention-style kernels, unchanged from before this module). A local
-         pattern (window, block, Longformer) on a sequence longer than two chunks: the
-         queries in chunks of C (a multiple of W, at least ``MIN_CHUNK``), each chunk
-         against its J keys (its own chunk and, except for local_block, the previous
-         one; plus the global tokens) with an explicit [C, J] mask, all chunks in one
-         SDPA call: O(S C) time and memory, autograd and dropout as for any SDPA call.
+         with no mask (FlashAttention-style kernels). A local pattern (window, block,
+         Longformer) on a sequence longer than two chunks: the queries in chunks of C
+         (a multiple of W, at least ``MIN_CHUNK``), each chunk against its J keys (its
+         own chunk and, except for local_block, the previous one; plus the global
+         tokens) with an explicit [C, J] mask, all chunks in one SDPA call: O(S C) time
+         and memory, autograd and dropout as for any SDPA call.
          Otherwise one dense [S, S] mask (bool; float with ALiBi).
   sdpa_dense  (not a config value: tests and benchmarks/attention.py) always the dense
          [S, S] mask: the quadratic baseline a windowed pattern is measured against.
@@ -50,6 +57,12 @@ from torch import Tensor
 
 PATTERNS = ("full", "sliding_window", "local_block", "longformer")
 MIN_CHUNK = 64  # smallest query chunk of the blocked SDPA path: fewer, larger SDPA problems
+FLEX_BLOCK_MASKS = 8  # LRU of flex block masks, one per (pattern, length, device)
+# Graphs dynamo compiles for one flex variant (pattern, ALiBi, GQA, dtype, device) with the
+# length dynamic: length 1 and a single 128-block are specialised apart from the rest (its
+# 0/1 and one-block specialisations); below dynamo's recompile_limit (8), which would
+# otherwise silently fall back to eager flex (a dense [S, S] score matrix).
+FLEX_GRAPHS_PER_VARIANT = 3
 
 
 @dataclass(frozen=True)
@@ -126,23 +139,43 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(closest) + power_of_two(2 * closest)[0::2][:num_heads - closest]
 
 
-def resolve_impl(requested: str, device: torch.device, dropout_p: float) -> str:
-    """The implementation "auto" stands for, decided once per module and device.
+def resolve_impl(requested: str, device: torch.device, dropout_p: float,
+                 pattern: AttentionPattern | None = None, alibi: bool = False) -> str:
+    """The implementation "auto" stands for (module docstring).
 
-    auto -> flex on CUDA when there is no attention dropout (flex_attention has none),
-    else sdpa. Why not flex on CPU: in torch 2.13 flex_attention has no backward on CPU
-    ("FlexAttention does not support backward on CPU"), so it cannot train there, and each
-    new (length, pattern) costs a compile of seconds (3-15 s measured here) that CPU runs
-    of tiny models never earn back. Its compiled CPU forward does work, and for a window
-    it is about twice as fast as the blocked SDPA path, while for full attention it is
-    slower than SDPA's causal kernel (``python -m benchmarks.attention --flex``), so
-    ``attention_impl: flex`` is allowed on CPU for evaluation and generation. On CUDA,
-    flex skips masked-out blocks in its fused kernel, forward and backward (not measured
-    in this repo: no GPU in its CI; tests/test_attention.py checks it where CUDA is).
+    Args:
+        requested: ``model.attention_impl``: "auto", "flex" or "sdpa" (the last two are
+            returned as they are).
+        device: where the attention runs.
+        dropout_p: the module's attention dropout (flex has none).
+        pattern: which keys each query reads; None from a caller that does not pass it,
+            which then gets "auto" back wherever the pattern decides (CUDA, no dropout)
+            and ``attend`` resolves it with its own pattern.
+        alibi: whether an ALiBi bias is added.
+    Returns:
+        "sdpa", "flex", or (pattern None only) "auto".
+
+    auto -> sdpa for full causal attention without ALiBi on every device: ``is_causal``
+    reaches FlashAttention / cuDNN on CUDA with no mask and no compile, which flex can
+    only match after compiling. flex for the other patterns and ALiBi on CUDA when there
+    is no attention dropout: it skips the blocks a window masks out in its fused kernel,
+    forward and backward (not measured in this repo: no GPU in its CI;
+    tests/test_attention.py checks it where CUDA is), and takes ALiBi as a score_mod
+    where SDPA needs a dense float [H, S, S] bias. sdpa on CPU: in torch 2.13
+    flex_attention has no backward on CPU ("FlexAttention does not support backward on
+    CPU"), so it cannot train there, and its first compile costs seconds (3-15 s measured
+    here) that CPU runs of tiny models never earn back. Its compiled CPU forward does
+    work, and for a window it is about twice as fast as the blocked SDPA path, while for
+    full attention it is slower than SDPA's causal kernel (``python -m benchmarks.attention
+    --flex``), so ``attention_impl: flex`` is allowed on CPU for evaluation and generation.
     """
     if requested != "auto":
         return requested
-    return "flex" if device.type == "cuda" and dropout_p == 0.0 else "sdpa"
+    if device.type != "cuda" or dropout_p > 0.0:
+        return "sdpa"
+    if pattern is None:
+        return "auto"
+    return "sdpa" if pattern.kind == "full" and not alibi else "flex"
 
 
 def attend(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: AttentionPattern,
@@ -154,13 +187,16 @@ def attend(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: AttentionPat
         q_BHSK: queries; k_BGSK, v_BGSK: keys and values, G heads (query head h reads
             key/value head h // (H / G), as ``repeat_interleave``).
         pattern: which keys each query reads (always causal).
-        impl: "flex", "sdpa" or "sdpa_dense" (module docstring); not "auto".
+        impl: "auto", "flex", "sdpa" or "sdpa_dense" (module docstring); "auto" is
+            resolved here by ``resolve_impl`` with this pattern and ALiBi.
         dropout_p: attention-probability dropout (pass 0 in evaluation); sdpa only.
         alibi_H: fp32 ALiBi slopes (``alibi_slopes``), or None.
         chunk: the blocked path's query chunk (default ``pattern.chunk``); tests shrink it.
     Returns:
         out_BHSK.
     """
+    if impl == "auto":
+        impl = resolve_impl("auto", q_BHSK.device, dropout_p, pattern, alibi_H is not None)
     if impl == "flex":
         if dropout_p > 0:
             raise ValueError("model.attention_impl = 'flex': flex_attention has no attention "
@@ -252,15 +288,22 @@ def _sdpa_blocked(q_BHSK: Tensor, k_BGSK: Tensor, v_BGSK: Tensor, pattern: Atten
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
+    """flex_attention compiled with the sequence length dynamic from the first call, so
+    each evaluation length and each step of a generation without KV cache reuse it.
+    torch.compile's default compiles static shapes first and again, dynamic, at the
+    second length (measured: tests/test_attention.py); static shapes alone
+    (``dynamic=False``) compile once per length, seconds each, until dynamo's
+    recompile_limit drops flex to eager, which materialises the [S, S] scores."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=True)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=FLEX_BLOCK_MASKS)
 def flex_block_mask(pattern: AttentionPattern, seq_len: int, device: str):
-    """``create_block_mask`` of the pattern for one length and device, built once (cached):
-    it evaluates the mask on the whole [S, S] grid, which costs far more than it should per
-    forward. Batch and head independent (B = H = None)."""
+    """``create_block_mask`` of the pattern for one length and device, built once and kept
+    in a bounded LRU (generation at growing lengths evicts the oldest): it evaluates the
+    mask on the whole [S, S] grid, which costs far more than it should per forward. Batch
+    and head independent (B = H = None)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -56,7 +56,10 @@ class ModelConfig:
     attention: str = "full"
     window: int = 256
     global_tokens: int = 0
-    attention_impl: str = "auto"  # auto: flex_attention where it runs, else SDPA + a mask
+    # auto: SDPA is_causal (no mask) for full attention without ALiBi on every device;
+    # flex_attention for the other patterns and ALiBi on CUDA without dropout; else SDPA
+    # with a (chunked) mask. flex (CPU: evaluation only) or sdpa force one.
+    attention_impl: str = "auto"
     # Per-head RMSNorm on q and k before the rotary positions (Qwen3, OLMoE).
     qk_norm: bool = False
     # Rotary scaling to extend the context after pretraining: none, linear (position
