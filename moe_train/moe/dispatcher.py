@@ -25,6 +25,23 @@ both all-to-alls carry U rows instead of N; the gates travel with the token (fp3
 the same all-to-all as the token when the activations are fp32, else in a second one)
 and their gradients come back through it. Same math as per-assignment dispatch, another
 summation order (equal to fp32 rounding, tested at ep 1, 2 and 4).
+
+Combine precision and order. The gates stay fp32 and every sum of gated expert outputs
+accumulates in an fp32 buffer, whatever the activations' dtype (bf16 under autocast or in
+a bf16 model): the layer casts its output once, at the end. The gate (router) gradient is
+the dot product of the fp32 output gradient with the expert output upcast to fp32, so the
+fp32 router never learns from a gradient rounded through bf16. The sums are
+deterministic: no scatter-add (``index_add_`` is atomic on CUDA, its order and so its
+bits vary from run to run, in fp32 as in bf16). Instead a slot table [S, X] names, for
+each destination x (a token; in once-per-rank mode also a received row) and each slot s,
+the row to add there (or a hole: a dropped assignment, a missing rank); the combine adds
+slot 0, then slot 1, ... with S gathers of X rows, a fixed order on any device. Per
+assignment, slot = choice: S = k, and a token's outputs are summed in choice order, as
+``moe/reference.py`` does. The work is S * X rows, N when nothing is dropped (a sorted
+segment sum would need a host sync for its longest segment, or fp32 prefix sums that
+cancel). Once-per-rank mode sends each rank's partial sum back in the activations' dtype
+(its reason to exist is the smaller return exchange): one rounding per (token, rank)
+partial sum, the sum over ranks in fp32.
 """
 
 from __future__ import annotations
@@ -70,29 +87,81 @@ class Dispatched:
     row_of_M: Optional[Tensor] = None
     gates_M: Optional[Tensor] = None
     num_received: int = 0
+    slots_ST: Optional[Tensor] = None
+    slots_SV: Optional[Tensor] = None
 
 
-class _GatedScatterAdd(torch.autograd.Function):
-    """y_TD[t] = sum over assignments n of token t of gate_N[n] * y_ND[n].
+def _row_chunk(device: torch.device, width: int, num_rows: int) -> int:
+    """Rows per chunk of the combine's loops: on CPU 2**20 elements, so that the fp32
+    temporaries stay in cache (measured on 2 CPU cores, bf16, T = 16384, D = 512, k = 8:
+    backward 400 -> 150 ms); elsewhere all rows at once (each pass is bandwidth-bound
+    anyway, chunks would only add kernel launches; not measured, no GPU here)."""
+    if device.type != "cpu":
+        return max(num_rows, 1)
+    return max(1, (1 << 20) // max(width, 1))
 
-    The backward gathers grad_TD once and derives both gradients from it (gate: a row
-    dot product; y: the gathered rows scaled in place): two fewer N x D passes than
-    autograd through mul + index_add (measured 37 -> 25 ms at T = 16384, D = 512)."""
+
+class _GatedSlotSum(torch.autograd.Function):
+    """out_XD[x] = sum over slots s of gate_N[n] * y_ND[n], n = slots_SX[s, x] (holes add
+    nothing), accumulated in fp32 slot by slot: deterministic, and fp32 whatever the dtype
+    of y (module docstring). ``gates_N`` None: plain sum (all gates 1).
+
+    Backward: each row n has one destination dest_N[n], so its gradients need no sum:
+    grad_y_N = gate_N * grad_XD[dest_N] (fp32, rounded once to y's dtype) and
+    grad_gate_N = <grad_XD[dest_N], y_ND[n]> in fp32. One gather of grad_XD serves both
+    (two fewer N x D passes than autograd through mul + gather). Both directions run in
+    row chunks (``_row_chunk``); a chunk changes no number, only what stays in cache."""
 
     @staticmethod
-    def forward(ctx, y_ND: Tensor, gates_N: Tensor, token_ids_N: Tensor, num_tokens: int) -> Tensor:
-        ctx.save_for_backward(y_ND, gates_N, token_ids_N)
-        y_TD = y_ND.new_zeros((num_tokens, y_ND.shape[1]))
-        return y_TD.index_add_(0, token_ids_N, y_ND * gates_N.unsqueeze(1).to(y_ND.dtype))
+    def forward(ctx, y_ND: Tensor, gates_N: Optional[Tensor], dest_N: Tensor, slots_SX: Tensor) -> Tensor:
+        ctx.save_for_backward(y_ND, gates_N, dest_N)
+        num_rows, (num_slots, num_dest), width = y_ND.shape[0], slots_SX.shape, y_ND.shape[1]
+        out_XD = y_ND.new_zeros((num_dest, width), dtype=torch.float32)
+        if num_rows == 0:
+            return out_XD
+        has_holes = num_rows < num_slots * num_dest
+        gates_N = None if gates_N is None else gates_N.float()
+        chunk = _row_chunk(y_ND.device, width, num_dest)
+        for start in range(0, num_dest, chunk):
+            out_cD = out_XD[start:start + chunk]
+            for s in range(num_slots):
+                rows_c = slots_SX[s, start:start + chunk].clamp(max=num_rows - 1)
+                y_cD = y_ND.index_select(0, rows_c)
+                if has_holes:  # a hole's stand-in row adds exact zeros (never 0 * inf)
+                    y_cD.masked_fill_((slots_SX[s, start:start + chunk] == num_rows).unsqueeze(1), 0)
+                if gates_N is None:
+                    out_cD.add_(y_cD)
+                else:  # the product and the sum in fp32, y upcast on the fly
+                    out_cD.addcmul_(y_cD, gates_N.index_select(0, rows_c).unsqueeze(1))
+        return out_XD
 
     @staticmethod
-    def backward(ctx, grad_TD: Tensor):
-        y_ND, gates_N, token_ids_N = ctx.saved_tensors
-        grad_ND = grad_TD.index_select(0, token_ids_N)
-        grad_gates_N = None
-        if ctx.needs_input_grad[1]:
-            grad_gates_N = torch.linalg.vecdot(grad_ND, y_ND).to(gates_N.dtype)
-        return grad_ND.mul_(gates_N.unsqueeze(1).to(grad_ND.dtype)), grad_gates_N, None, None
+    def backward(ctx, grad_XD: Tensor):
+        y_ND, gates_N, dest_N = ctx.saved_tensors
+        need_y, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_XD = grad_XD.float()
+        grad_y_ND = torch.empty_like(y_ND) if need_y else None
+        grad_gates_N = torch.empty_like(gates_N) if need_gates else None
+        chunk = _row_chunk(y_ND.device, y_ND.shape[1], y_ND.shape[0])
+        for start in range(0, y_ND.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            grad_cD = grad_XD.index_select(0, dest_N[rows])
+            if need_gates:
+                grad_gates_N[rows] = torch.linalg.vecdot(grad_cD, y_ND[rows].float())
+            if need_y and gates_N is not None:  # fp32 product, rounded once on the write
+                torch.mul(grad_cD, gates_N[rows].float().unsqueeze(1), out=grad_y_ND[rows])
+            elif need_y:
+                grad_y_ND[rows] = grad_cD
+        return grad_y_ND, grad_gates_N, None, None
+
+
+def _slot_table(cell_N: Tensor, num_slots: int, num_dest: int) -> Tensor:
+    """int64 [S, X] with table[cell_N[n] // X, cell_N[n] % X] = n; other cells hold N (a
+    hole). ``cell_N`` must be distinct (an index_copy with distinct indices: deterministic)."""
+    num_rows = cell_N.numel()
+    table = torch.full((num_slots * num_dest,), num_rows, dtype=torch.int64, device=cell_N.device)
+    table.index_copy_(0, cell_N, torch.arange(num_rows, device=cell_N.device))
+    return table.view(num_slots, num_dest)
 
 
 class Dispatcher:
@@ -104,12 +173,14 @@ class Dispatcher:
         once_per_rank: send each token once per destination rank (module docstring);
             only matters with ep_size > 1.
         ep_rank: this rank's index in ``ep_group`` (for the rows-sent accounting).
+        top_k: k, bounds the once-per-rank slot tables (None: the bounds L and R).
     """
 
     def __init__(self, num_experts: int, ep_size: int = 1, ep_group=None, once_per_rank: bool = False,
-                 ep_rank: int = 0):
+                 ep_rank: int = 0, top_k: Optional[int] = None):
         assert num_experts % ep_size == 0, "checked by MoELayer"
         self.num_experts, self.ep_size, self.ep_group = num_experts, ep_size, ep_group
+        self.top_k = top_k
         self.num_local = num_experts // ep_size
         self.once_per_rank, self.ep_rank = once_per_rank and ep_size > 1, ep_rank
         self.label = "MoE layer"  # the model names it ("MoE layer 3") for hang reports
@@ -120,11 +191,15 @@ class Dispatcher:
         gates_N = routing.gates_A.index_select(0, kept_N)
         if self.once_per_rank:
             return self._dispatch_once_per_rank(x_TD, routing, token_ids_N, gates_N)
+        # Slot = choice: assignment a = j * T + t (choice-major) is slot j of token t.
+        num_tokens = x_TD.shape[0]
+        num_choices = routing.expert_ids_A.numel() // num_tokens if num_tokens else 1
+        slots_KT = _slot_table(kept_N, num_choices, num_tokens)
         x_ND = x_TD.index_select(0, token_ids_N)
         if self.ep_size == 1:
             num_kept = token_ids_N.numel()
             return Dispatched(x_ND, routing.kept_per_expert_E, token_ids_N, gates_N,
-                              rows_sent=num_kept)
+                              rows_sent=num_kept, slots_ST=slots_KT)
 
         send_RL = routing.kept_per_expert_E.view(self.ep_size, self.num_local)
         recv_RL = exchange_counts(send_RL, self.ep_group, f"{self.label} (token counts)")
@@ -134,7 +209,8 @@ class Dispatcher:
         regroup_M = self._rank_major_to_expert_major(recv_RL)
         return Dispatched(x_MD.index_select(0, regroup_M), recv_RL.sum(dim=0), token_ids_N,
                           gates_N, send_splits, recv_splits, regroup_M, rows_sent=sum(send_splits),
-                          rows_sent_remote=sum(send_splits) - send_splits[self.ep_rank])
+                          rows_sent_remote=sum(send_splits) - send_splits[self.ep_rank],
+                          slots_ST=slots_KT)
 
     def _dispatch_once_per_rank(self, x_TD: Tensor, routing: Routing, token_ids_N: Tensor,
                                 gates_N: Tensor) -> Dispatched:
@@ -169,27 +245,39 @@ class Dispatcher:
         # Expert-major expansion: (local expert, received row) pairs sorted by expert.
         local_M, row_of_M = flags_VL.t().nonzero(as_tuple=True)
         gates_M = table_VC[:, L:][row_of_M, local_M]
+        # Combine slot tables (module docstring). Received row v: slot = rank of the local
+        # expert among v's flagged ones (at most min(k, L)). Token t: slot = rank of the
+        # destination rank among t's (at most min(k, R)).
+        num_received, k = x_VD.shape[0], self.top_k
+        slot_M = (flags_VL.cumsum(dim=1) - 1)[row_of_M, local_M]
+        slots_SV = _slot_table(slot_M * num_received + row_of_M, min(k or L, L), num_received)
+        cell_U = token_ids_U * R + rank_U
+        present_TR = torch.zeros(T * R, dtype=torch.int64, device=x_TD.device).index_fill_(0, cell_U, 1)
+        slot_U = (present_TR.view(T, R).cumsum(dim=1) - 1).view(-1).index_select(0, cell_U)
+        slots_ST = _slot_table(slot_U * T + token_ids_U, min(k or R, R), T)
         return Dispatched(x_VD.index_select(0, row_of_M), flags_VL.sum(dim=0), token_ids_N, gates_N,
                           send_splits, recv_splits, rows_sent=num_rows,
                           rows_sent_remote=num_rows - send_splits[self.ep_rank], once_per_rank=True,
                           token_ids_U=token_ids_U, row_of_M=row_of_M, gates_M=gates_M,
-                          num_received=x_VD.shape[0])
+                          num_received=num_received, slots_ST=slots_ST, slots_SV=slots_SV)
 
     def combine(self, y_MD: Tensor, d: Dispatched, num_tokens: int) -> Tensor:
-        """Returns y_TD = sum over kept assignments of gate * expert output; a token
-        whose every choice was dropped gets zeros (the residual carries it)."""
+        """Returns y_TD = sum over kept assignments of gate * expert output, fp32 whatever
+        the dtype of ``y_MD`` (the caller casts once); a token whose every choice was
+        dropped gets zeros (the residual carries it). Deterministic: module docstring."""
+        assert d.slots_ST.shape[1] == num_tokens, (tuple(d.slots_ST.shape), num_tokens)
         if d.once_per_rank:  # gated partial sums per received row, one row back per pair
-            z_VD = _GatedScatterAdd.apply(y_MD, d.gates_M, d.row_of_M, d.num_received)
-            z_UD = all_to_all(z_VD, d.recv_splits, d.send_splits, self.ep_group,
+            z_VD = _GatedSlotSum.apply(y_MD, d.gates_M, d.row_of_M, d.slots_SV)
+            z_UD = all_to_all(z_VD.to(y_MD.dtype), d.recv_splits, d.send_splits, self.ep_group,
                               f"{self.label} (expert outputs back, once per rank)")
-            return z_UD.new_zeros((num_tokens, z_UD.shape[1])).index_add(0, d.token_ids_U, z_UD)
+            return _GatedSlotSum.apply(z_UD, None, d.token_ids_U, d.slots_ST)
         if self.ep_size > 1:
             y_rank_major_MD = torch.empty_like(y_MD).index_copy(0, d.regroup_M, y_MD)
             y_ND = all_to_all(y_rank_major_MD, d.recv_splits, d.send_splits, self.ep_group,
                               f"{self.label} (expert outputs back)")
         else:
             y_ND = y_MD
-        return _GatedScatterAdd.apply(y_ND, d.gates_N, d.token_ids_N, num_tokens)
+        return _GatedSlotSum.apply(y_ND, d.gates_N, d.token_ids_N, d.slots_ST)
 
     def _rank_major_to_expert_major(self, recv_RL: Tensor) -> Tensor:
         """Received rows come as (source rank, local expert) chunks in rank-major order;

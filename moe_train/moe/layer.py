@@ -88,7 +88,8 @@ class MoELayer(nn.Module):
         self.shared = (SharedExpert(d_model, cfg.shared_d_ff, cfg.activation, cfg.shared_gate == "sigmoid")
                        if cfg.shared_d_ff > 0 else None)
         self.dispatcher = Dispatcher(cfg.num_experts, ep_size, ep_group,
-                                     once_per_rank=cfg.dispatch == "once_per_rank", ep_rank=ep_rank)
+                                     once_per_rank=cfg.dispatch == "once_per_rank", ep_rank=ep_rank,
+                                     top_k=cfg.top_k)
         self.tally = RoutingTally(cfg.num_experts)
 
     def forward(self, x: Tensor) -> MoEOutput:
@@ -97,6 +98,8 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, seq_len=seq_len)
         dispatched = self.dispatcher.dispatch(x_TD, routing)
         y_MD = self.experts(dispatched.x_MD, dispatched.tokens_per_expert_L)
+        # fp32 (gates and the sum over k outputs; the dispatcher's docstring), with the
+        # shared output added in fp32 too: the one cast to x's dtype is at the return.
         y_TD = self.dispatcher.combine(y_MD, dispatched, x_TD.shape[0])
         if self.shared is not None:  # every token, dropped or not
             y_TD = y_TD + self.shared(x_TD)
