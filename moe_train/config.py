@@ -74,6 +74,9 @@ class ParallelConfig:
                 fail(f"parallel.{name}", getattr(self, name), "must be > 0 seconds")
 
 
+OPTIM_IMPLS = ("auto", "fused", "foreach", "loop")  # optim.impl
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -85,6 +88,11 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     warmup_steps: int = 100
     decay: str = "cosine"  # after warm-up, to min_lr at train.max_steps: cosine, linear, constant
+    # AdamW kernel: fused (one kernel for all tensors), foreach (batched over tensors) or
+    # loop (one tensor at a time: the same arithmetic on every layout, for parity tests).
+    # auto: fused on CUDA, foreach elsewhere; resolved from the engine's device
+    # (train.engine.resolve_optim_impl).
+    impl: str = "auto"
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -100,6 +108,7 @@ class OptimConfig:
         if not self.eps > 0:
             fail("optim.eps", self.eps, "must be > 0")
         choice("optim.decay", self.decay, ("cosine", "linear", "constant"))  # schedule.SCHEDULES
+        choice("optim.impl", self.impl, OPTIM_IMPLS)
 
 
 @dataclass

@@ -26,7 +26,9 @@ TINY = {
     "parallel": {"expert_parallel_size": 1, "zero_stage": 1, "timeout_s": 120},
     "data": {"seq_len": 16, "micro_batch_size": 4, "num_workers": 0},
     "train": {"grad_accum_steps": 1, "max_steps": 10, "seed": 7},
-    "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0},
+    # loop: the same AdamW arithmetic on every layout, so parity tests can compare layouts
+    # bitwise (fused/foreach round differently per ZeRO partition; tests/test_optim_impl.py).
+    "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "impl": "loop"},
     "logging": {"every_steps": 5, "tensorboard": False},
 }
 

@@ -183,6 +183,47 @@ def optimizer_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
+def resolve_optim_impl(impl: str, device: torch.device) -> str:
+    """The one place ``optim.impl: auto`` is resolved: ``fused`` on CUDA, ``foreach``
+    elsewhere (CPU: torch has a fused CPU AdamW, but the issue asks for foreach there).
+    Explicit values are returned as given."""
+    if impl != "auto":
+        return impl
+    return "fused" if device.type == "cuda" else "foreach"
+
+
+# optim.impl -> torch.optim.AdamW flags. The batched kernels need not round like the
+# loop, nor alike on every layout (a ZeRO partition changes the tensors one launch sees):
+# fused on CPU moved the tiny run's losses by ~1e-7 relative; foreach on CPU matched the
+# loop bitwise, CUDA's multi-tensor kernels need not. The loop is the same per-tensor
+# arithmetic on every layout, which the bitwise parity tests pin (tests/engine_harness.py).
+_ADAMW_FLAGS = {"fused": {"fused": True, "foreach": False},
+                "foreach": {"foreach": True},
+                "loop": {"foreach": False}}
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` with the kernel ``optim.impl`` resolves to on ``device``:
+    the client optimizer that DeepSpeed's ZeRO 1/2 wraps (it steps the flat fp32
+    partitions with it; fused, foreach and loop all train there, tests/test_optim_impl.py).
+    torch 2.13 has a fused AdamW on CPU too, so an explicit ``fused`` is honoured there."""
+    impl = resolve_optim_impl(cfg.impl, device)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, **_ADAMW_FLAGS[impl])
+    optimizer.register_load_state_dict_pre_hook(_keep_kernel_flags)
+    return optimizer
+
+
+def _keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """torch's ``load_state_dict`` takes each group's hyper-parameters from the checkpoint,
+    ``fused`` and ``foreach`` included, so a resume would run the kernel the checkpoint
+    was written with, not ``optim.impl``. The configured flags win; set before torch reads
+    them, so a fused optimizer also gets its ``step`` tensors on the parameters' device."""
+    flags = {key: optimizer.defaults[key] for key in ("fused", "foreach")}
+    state_dict["param_groups"] = [{**group, **flags} for group in state_dict["param_groups"]]
+    return state_dict
+
+
 # -------------------------------------------------------------------- DeepSpeed config
 
 
@@ -227,11 +268,8 @@ def build_engine(cfg: Config, model: nn.Module, groups: ParallelGroups) -> Engin
     topo = groups.topology
     moe_layers = make_visible_to_deepspeed(model, topo.ep_size)
     param_groups = optimizer_param_groups(model, cfg.optim)
-    o = cfg.optim
-    # fused/foreach kernels differ in rounding across layouts; the plain loop is the
-    # same arithmetic on every ZeRO stage, which the parity tests rely on.
-    optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  weight_decay=o.weight_decay, foreach=False)
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(param_groups, cfg.optim, device)
     ds_config = merged_deepspeed_config(cfg, topo.world_size)
     if moe_layers:  # DeepSpeed wants expert groups only for a model with MoE layers
         register_deepspeed_groups(groups)
