@@ -129,3 +129,52 @@ def test_counts_must_match_rows():
     experts = GroupedExperts(2, D_MODEL, D_FF, "gelu", impl="grouped_mm")
     with pytest.raises(ValueError, match="sums to 6"):
         experts(torch.randn(5, D_MODEL), torch.tensor([3, 3]))
+
+
+def _spy_kernels(experts: GroupedExperts) -> list[str]:
+    """Records which kernel each forward of ``experts`` runs."""
+    used = []
+    for name in ("bmm", "grouped_mm"):
+        real = getattr(experts, f"_forward_{name}")
+
+        def spy(*args, _real=real, _name=name):
+            used.append(_name)
+            return _real(*args)
+        setattr(experts, f"_forward_{name}", spy)
+    return used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_kernel_does_not_depend_on_the_counts(dtype):
+    """"auto" picks its kernel once per (device, dtype, alignment), not per batch: a batch
+    with equal counts and one with unequal counts run the same kernel, and expert 0's
+    output for the same rows is bitwise the same whatever the other experts received.
+    (Before, equal counts ran bmm and unequal ones _grouped_mm, which round differently:
+    fp32 differed here by ~1e-7.)"""
+    experts = GroupedExperts(4, D_MODEL, D_FF, "swiglu", seed=3, impl="auto")
+    used = _spy_kernels(experts)
+    gen = torch.Generator().manual_seed(0)
+    x0_nD = torch.randn(3, D_MODEL, generator=gen).to(dtype)  # expert 0's rows in both batches
+    equal_ND = torch.cat([x0_nD, torch.randn(9, D_MODEL, generator=gen).to(dtype)])
+    unequal_ND = torch.cat([x0_nD, torch.randn(7, D_MODEL, generator=gen).to(dtype)])
+    y_equal = experts(equal_ND, torch.tensor([3, 3, 3, 3]))[:3]
+    y_unequal = experts(unequal_ND, torch.tensor([3, 4, 3, 0]))[:3]
+    assert used == ["grouped_mm", "grouped_mm"]
+    assert experts.resolved_impl(torch.device("cpu"), dtype) == "grouped_mm"
+    assert torch.equal(y_equal, y_unequal)
+
+
+def test_resolved_impl_per_device_dtype_and_alignment():
+    experts = GroupedExperts(2, 6, 10, "gelu", impl="auto")  # 6 fp32 = 24 bytes, 6 bf16 = 12
+    assert experts.resolved_impl(torch.device("cpu"), torch.float32) == "bmm"
+    aligned = GroupedExperts(2, D_MODEL, D_FF, "gelu", impl="auto")
+    assert aligned.resolved_impl(torch.device("cpu"), torch.float32) == "grouped_mm"
+    assert aligned.resolved_impl(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+    assert GroupedExperts(2, D_MODEL, D_FF, "gelu", impl="bmm").resolved_impl(
+        torch.device("cpu"), torch.float32) == "bmm"
+    # the choice is cached per key and used by every later batch
+    used = _spy_kernels(experts)
+    for counts in ([2, 2], [4, 0], [1, 3]):
+        experts(torch.randn(4, 6), torch.tensor(counts))
+    assert used == ["bmm"] * 3
+    assert experts._impl_by_key == {("cpu", torch.float32, False): "bmm"}

@@ -38,7 +38,7 @@ class MoEConfig:
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     balance_scope: str = "local"
-    expert_impl: str = "auto"
+    expert_impl: str = "auto"  # auto: one kernel per (device, dtype, alignment), not per batch
     seed: int = 1234  # expert weights are seeded by (seed, global expert id)
     # Scores, gates and scale (MOE_REFERENCE.md "Score functions, gates and scale").
     score_func: str = "softmax"  # or sigmoid (DeepSeek-V3)

@@ -13,23 +13,34 @@ The experts see rows already grouped by local expert: rows [0, n_0) belong to ex
                 rows are zeros, so they add nothing to the weight gradients.
   "grouped_mm"  torch._grouped_mm with offs = cumulative counts (int32): no padding, but
                 on CPU it is a loop of at::mm, slow for small groups.
-  "auto"        "bmm" when padding adds at most ``max_pad_frac`` of the rows (default 0:
-                only when every expert has the same count, so the view is free), else
-                "grouped_mm"; "bmm" also when the widths break _grouped_mm's alignment.
+  "auto"        "grouped_mm" when the widths meet its alignment (below) in the input
+                dtype, else "bmm". Chosen once per (device type, dtype, alignment) and
+                cached on the module (``resolved_impl``), never from a batch's counts:
+                bmm and _grouped_mm round differently, and a choice per batch (as
+                "auto" once made: bmm when every expert had the same count) made an
+                expert's output for the same rows depend on the OTHER experts' counts.
+                The one batch-dependent case is N = 0, which always runs bmm: its
+                output is empty, so no number changes.
 
 Measured on 2 CPU cores, fp32, n = 128 rows per expert, D = 512, F = 256 or 512: bmm
 runs at ~120 GF/s in forward, dX and dW, _grouped_mm (one 2-thread at::mm per group) at
 ~95-110 GF/s; a padded bmm with realistic router counts (capacity 1.25, 25% padding)
-lost to _grouped_mm on the same rows. _grouped_mm's own backward (dX by grouped_mm on
-w^T views, dW by the 2-D x 2-D form on x^T) runs at forward speed, so no custom
-autograd.Function is needed. CPU _grouped_mm takes fp32 and bf16, int32 offs, needs
-16-byte row strides, leaves rows past offs[-1] uninitialised, accepts decreasing or
-out-of-range offs without a check, and rejects expanded (stride-0) gradients; hence
-_ContiguousGrad and the check that the counts sum to N.
+lost to _grouped_mm on the same rows. "auto" therefore takes _grouped_mm, giving up
+bmm's small lead on exactly equal counts, which real routing rarely produces.
+_grouped_mm's own backward (dX by grouped_mm on w^T views, dW by the 2-D x 2-D form on
+x^T) runs at forward speed, so no custom autograd.Function is needed. CPU _grouped_mm
+takes fp32 and bf16, int32 offs, needs 16-byte row strides, leaves rows past offs[-1]
+uninitialised, accepts decreasing or out-of-range offs without a check, and rejects
+expanded (stride-0) gradients; hence _ContiguousGrad and the check that the counts sum
+to N.
 
 On CUDA, _grouped_mm has a fused fast path for bf16 on SM90 and newer; other dtypes and
 GPUs take PyTorch's per-group fallback (pytorch PRs 161407, 162059), the same loop as on
-CPU, so the same choice applies. No GPU was available to measure that here.
+CPU, so the same choice applies. No GPU was available to measure that here. On CPU (and
+in that fallback) _grouped_mm is one matmul per expert over its own rows, so an expert's
+output for given rows does not depend on the other experts' counts (tested on CPU in
+tests/test_experts.py; the fused CUDA path is unchecked); padded bmm makes no such
+promise (its row count is the busiest expert's).
 
 Expert weights are drawn per GLOBAL expert id (``expert_seed``), so the model is the
 same whatever the expert-parallel split is.
@@ -149,13 +160,15 @@ class GroupedExperts(nn.Module):
             w1, w3 ~ N(0, D**-0.5), w2 ~ N(0, F**-0.5).
         dtype: parameter dtype.
         impl: kernel, one of IMPLS (see the module docstring).
-        max_pad_frac: "auto" pads to the busiest expert while the padded rows are at
-            most this fraction of the real rows.
     """
+
+    # No longer read: "auto" does not look at counts. Kept as an attribute because
+    # inference/int8.py copies it onto Int8GroupedExperts.
+    max_pad_frac: float = 0.0
 
     def __init__(self, num_local_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
                  first_global_expert_id: int = 0, seed: int = 0, dtype=torch.float32,
-                 impl: str = "auto", max_pad_frac: float = 0.0):
+                 impl: str = "auto"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation = {activation!r}: must be one of {ACTIVATIONS}")
@@ -165,7 +178,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"num_local_experts = {num_local_experts}, d_model = {d_model}, "
                              f"d_ff = {d_ff}: must all be >= 1")
         self.num_local_experts, self.d_model, self.d_ff = num_local_experts, d_model, d_ff
-        self.activation, self.impl, self.max_pad_frac = activation, impl, max_pad_frac
+        self.activation, self.impl = activation, impl
         self.first_global_expert_id, self.seed = first_global_expert_id, seed
         E, D, F = num_local_experts, d_model, d_ff
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F, dtype=dtype))
@@ -230,25 +243,36 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"tokens_per_expert_E sums to {sum(counts)} (min {min(counts)}), "
                              f"but x_ND has {num_rows} rows")
         x_ND = x_ND.contiguous()
-        impl = self._choose_impl(counts, x_ND.dtype)
-        if impl == "grouped_mm":
+        impl = self.resolved_impl(x_ND.device, x_ND.dtype)
+        if impl == "grouped_mm" and num_rows > 0:
             return self._forward_grouped_mm(x_ND, tokens_per_expert_E)
+        # N = 0: an [E, 0, D] bmm gives the empty output that still reaches the weights.
         return self._forward_bmm(x_ND, tokens_per_expert_E, max(counts))
 
-    def _choose_impl(self, counts: list[int], dtype: torch.dtype) -> str:
+    def resolved_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The kernel this module runs for inputs on ``device`` in ``dtype``: chosen once
+        per (device type, dtype, alignment) and cached, never from a batch's counts
+        (module docstring).
+
+        Args:
+            device: the device of x_ND.
+            dtype: the dtype of x_ND (the weights are cast to it).
+        Returns:
+            "bmm" or "grouped_mm".
+        Raises:
+            ValueError: impl "grouped_mm" with widths _grouped_mm cannot take in ``dtype``.
+        """
         aligned = _grouped_mm_aligned(dtype, self.d_model, self.d_ff)
-        if sum(counts) == 0:  # [E, 0, D] bmm: an empty output that still reaches the weights
-            return "bmm"
-        if self.impl == "grouped_mm":
-            if not aligned:
+        key = (torch.device(device).type, dtype, aligned)
+        # Made on first use: Int8GroupedExperts builds itself without our __init__.
+        cache = self.__dict__.setdefault("_impl_by_key", {})
+        if key not in cache:
+            if self.impl == "grouped_mm" and not aligned:
                 raise ValueError(
                     f"impl = 'grouped_mm' needs d_model ({self.d_model}) and d_ff ({self.d_ff}) "
                     f"rows of a multiple of 16 bytes in {dtype}; use impl = 'bmm'")
-            return "grouped_mm"
-        if self.impl == "bmm" or not aligned:
-            return "bmm"
-        pad_rows = len(counts) * max(counts) - sum(counts)
-        return "bmm" if pad_rows <= self.max_pad_frac * sum(counts) else "grouped_mm"
+            cache[key] = "grouped_mm" if self.impl != "bmm" and aligned else "bmm"
+        return cache[key]
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
         w3 = self.w3_EDF.to(dtype) if self.w3_EDF is not None else None
