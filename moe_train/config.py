@@ -29,6 +29,7 @@ from moe_train.config_checks import choice, fail
 from moe_train.data.config import DataConfig
 from moe_train.model.config import ModelConfig
 from moe_train.moe.config import MoEConfig
+from moe_train.parallel.phase import Budgets
 
 DTYPES = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -51,10 +52,8 @@ class ParallelConfig:
     eval_timeout_s: int = 1800  # one evaluation (train.eval_steps batches, or the whole split)
     save_timeout_s: int = 1800  # one checkpoint save (engine + canonical)
 
-    def budgets(self):
+    def budgets(self) -> Budgets:
         """The watchdog's ``Budgets``; the process group's timeout is their maximum."""
-        from moe_train.parallel.phase import Budgets
-
         return Budgets(startup=self.startup_timeout_s, step=self.timeout_s, eval=self.eval_timeout_s,
                        save=self.save_timeout_s)
 

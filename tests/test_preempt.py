@@ -118,22 +118,6 @@ def test_killed_rank_makes_the_survivor_fail_with_a_report_then_resume(tmp_path,
     assert f"at step {step}: weights, optimizer" in (tmp_path / "rank0.log").read_text()
 
 
-def test_hung_peer_is_reported_by_the_watchdog_or_the_timeout(tmp_path, shards):
-    """Rank 1 stops answering (sleeps inside a step) without dying: rank 0 must not wait
-    forever; it exits non-zero within timeout_s plus a margin with its step and phase."""
-    procs = start_ranks(tmp_path, shards, 2, steps=100000, env_extra={"MOE_TRAIN_FAULT": "hang@12:1"})
-    wait_for_step(tmp_path, 11)
-    start = time.monotonic()
-    code = finish(procs[:1], timeout=90)[0]
-    elapsed = time.monotonic() - start
-    procs[1].kill()
-    procs[1].wait()
-    log0 = (tmp_path / "rank0.log").read_text()
-    assert code not in (0, 85, "hung"), log0[-3000:]
-    assert re.search(r"moe_train: (FAILED|HUNG) at rank 0, step 12, in ", log0), log0[-3000:]
-    assert elapsed < 90
-
-
 def test_a_slow_save_outlives_the_step_budget_and_a_hang_is_still_caught_after_it(tmp_path, shards):
     """Per-phase budgets: rank 0 spends 30 s inside the step-10 save (a healthy, slow
     writer) while the step budget is 5 s (watchdog limit 20 s): the save has its own

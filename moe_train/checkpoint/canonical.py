@@ -414,8 +414,12 @@ def _own_file_entries(tmp: Path, rank: int) -> dict:
     """Manifest entries (CRC-32, bytes) of the data files this rank just wrote (DCP names
     them ``__{rank}_{i}.distcp``): each rank reads back only its own, in parallel, so no
     rank reads the whole checkpoint."""
-    return {p.name: {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
-            for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+    return {p.name: _file_entry(p) for p in sorted(tmp.glob(f"__{rank}_*.distcp"))}
+
+
+def _file_entry(path: Path) -> dict:
+    """A manifest entry of a DCP file (its tensors are listed in ``manifest["tensors"]``)."""
+    return {"crc32": mf.file_crc32(path), "bytes": path.stat().st_size, "tensors": {}}
 
 
 def _raise_if(errors: list[str], step: int, tmp: Path, rank: int) -> None:
@@ -434,7 +438,7 @@ def _publish(tmp: Path, final: Path, state: TrainState, topo, config: dict, reco
     entries = dict(entries)
     for p in sorted(tmp.iterdir()):
         if p.is_file() and p.name not in entries:
-            entries[p.name] = {"crc32": mf.file_crc32(p), "bytes": p.stat().st_size, "tensors": {}}
+            entries[p.name] = _file_entry(p)
     manifest = mf.build_manifest(entries)
     manifest["tensors"] = records
     meta = {"format": FORMAT_VERSION, "kind": KIND, "complete": True, "step": state.step,
