@@ -15,9 +15,10 @@ on a CPU tensor and are patched for the duration.
 
     python -m benchmarks.host_reads
 
-prints the reads of one MoE layer's forward + backward at ep 1 for a capacity (Switch)
-and a dropless config: the counts issue 17 wants at 0 (capacity) and 0 (dropless, ep 1).
-The tests use ``HostReads`` (``tests/test_step_syncs.py``).
+prints the reads of one MoE layer's forward + backward at ep 1, 2 and 4 (4 gloo ranks)
+for capacity and dropless configs; the targets (0 with a capacity at any ep; dropless 0
+at ep 1 and 1 at ep > 1) are asserted in ``tests/test_host_reads.py``, the step's in
+``tests/test_step_syncs.py``; ``benchmarks/sync_debug.py`` counts a whole training step.
 """
 
 from __future__ import annotations
@@ -95,31 +96,79 @@ class HostReads(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def layer_reads(cfg, d_model: int = 16, tokens: int = 128) -> list[str]:
-    """The host reads of one training forward + backward of a ``MoELayer`` at ep 1."""
+CASES = {  # name: MoEConfig overrides (d_ff 32, min_capacity 0, D = 16)
+    "top-1, capacity 1.25 (Switch)": dict(num_experts=8, top_k=1, capacity_factor=1.25),
+    "top-2, dropless": dict(num_experts=8, top_k=2, capacity_factor=None),
+    "top-8 of 64, shared, sigmoid, bias, groups, dropless": dict(
+        num_experts=64, top_k=8, capacity_factor=None, shared_d_ff=32, score_func="sigmoid",
+        bias_update_rate=1e-3, num_groups=8, groups_per_token=4, activation="swiglu"),
+    "top-8 of 64, shared, sigmoid, bias, groups, capacity 1.0": dict(
+        num_experts=64, top_k=8, capacity_factor=1.0, shared_d_ff=32, score_func="sigmoid",
+        bias_update_rate=1e-3, num_groups=8, groups_per_token=4, drop_policy="probs"),
+}
+EPS = (1, 2, 4)
+
+
+def layer_reads(cfg, d_model: int = 16, tokens: int = 32, ep_group=None, seed: int = 0) -> list[str]:
+    """The host reads of one training forward + backward of a ``MoELayer``: the second of
+    two calls (the first with a new token count may check it with the EP group once)."""
     from moe_train.moe import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(cfg, d_model).train()
-    x = torch.randn(2, tokens // 2, d_model, requires_grad=True)
-    with HostReads() as reads:
-        out = layer(x)
-        (out.y.float().sum() + out.aux_loss + out.z_loss).backward()
+    layer = MoELayer(cfg, d_model, ep_group=ep_group).train()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        x = torch.randn(2, tokens // 2, d_model, generator=gen, requires_grad=True)
+        with HostReads() as reads:
+            out = layer(x)
+            (out.y.float().square().sum() + out.aux_loss + out.z_loss).backward()
     return reads.reads
 
 
-def main() -> dict:
-    from collections import Counter
+def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
 
     from moe_train.moe import MoEConfig
+    from moe_train.parallel.groups import build_groups
+    from moe_train.parallel.topology import Topology
 
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    out = {}
+    for ep in EPS:
+        groups = build_groups(Topology(world, ep, 64), rank)
+        for name, kw in CASES.items():
+            out[f"{name} @ ep {ep}"] = layer_reads(MoEConfig(d_ff=32, min_capacity=0, **kw),
+                                                   ep_group=groups.ep if ep > 1 else None, seed=rank)
+    dist.barrier()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def main(world: int = 4) -> dict:
+    """Every case at ep 1, 2 and 4 on ``world`` gloo ranks; prints the largest count over
+    the ranks and what was read. Run it with PYTHONPATH set to another checkout to see
+    that checkout's counts (this file only needs ``HostReads``)."""
+    import os
+    import tempfile
+    from collections import Counter
+
+    from moe_train.parallel.spawn import free_local_port, run_local_processes
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_local_port()
+        codes = run_local_processes(_rank, [(r, world, port, out_dir) for r in range(world)], 600)
+        if any(code != 0 for code in codes):
+            raise SystemExit(f"host_reads: ranks exited {codes}")
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     results = {}
-    for name, kw in (("top-1, capacity 1.25 (Switch)", dict(num_experts=8, top_k=1, capacity_factor=1.25)),
-                     ("top-2, dropless", dict(num_experts=8, top_k=2, capacity_factor=None))):
-        reads = layer_reads(MoEConfig(d_ff=32, **kw))
-        results[name] = len(reads)
-        print(f"{name}: {len(reads)} host reads in one MoE layer forward + backward at ep 1 "
-              f"({dict(Counter(reads))})")
+    for key in ranks[0]:
+        counts = [len(r[key]) for r in ranks]
+        results[key] = max(counts)
+        print(f"{key}: {max(counts)} host reads in one MoE layer forward + backward "
+              f"({dict(Counter(ranks[counts.index(max(counts))][key]))})")
     return results
 
 

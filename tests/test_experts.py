@@ -125,10 +125,31 @@ def test_bf16_input_with_fp32_weights():
                                rtol=5e-2, atol=5e-2)
 
 
-def test_counts_must_match_rows():
+def test_counts_must_fit_the_rows():
+    """Counts past the rows would make _grouped_mm read past x: device counts are checked
+    on the device (no host read), host counts on the host."""
     experts = GroupedExperts(2, D_MODEL, D_FF, "gelu", impl="grouped_mm")
-    with pytest.raises(ValueError, match="sums to 6"):
+    with pytest.raises(RuntimeError, match="sums to more rows than x_ND has"):
         experts(torch.randn(5, D_MODEL), torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="sums to 6"):
+        experts(torch.randn(5, D_MODEL), torch.tensor([3, 3]), host_counts=[3, 3])
+    with pytest.raises(ValueError, match="sums to 6"):
+        GroupedExperts(2, D_MODEL, D_FF, "gelu", impl="bmm")(torch.randn(5, D_MODEL), torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("impl", ["bmm", "grouped_mm"])
+def test_rows_past_the_counts_are_padding_and_the_uniform_layout(impl):
+    """Ragged rows with padding after them give the same rows as without (the padding's
+    outputs are never read); the uniform layout equals ragged equal counts."""
+    experts = GroupedExperts(3, D_MODEL, D_FF, "swiglu", seed=3, impl=impl)
+    gen = torch.Generator().manual_seed(0)
+    x_ND = torch.randn(9, D_MODEL, generator=gen)
+    counts = torch.tensor([2, 0, 4])
+    want = loop_reference(experts, x_ND[:6], [2, 0, 4])
+    torch.testing.assert_close(experts(x_ND, counts)[:6], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(experts(x_ND, counts, host_counts=[2, 0, 4])[:6], want, rtol=1e-5, atol=1e-6)
+    uniform = experts(x_ND, rows_per_expert=3)
+    torch.testing.assert_close(uniform, loop_reference(experts, x_ND, [3, 3, 3]), rtol=1e-5, atol=1e-6)
 
 
 def _spy_kernels(experts: GroupedExperts) -> list[str]:

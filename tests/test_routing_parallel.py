@@ -6,7 +6,9 @@
   input, router, shared and expert gradients, with per-assignment and once-per-rank
   dispatch alike;
 * once-per-rank dispatch sends the (token, rank) pairs counted by hand, fewer rows than
-  the per-assignment dispatcher, and never hangs on a rank with zero tokens;
+  the per-assignment dispatcher, and never hangs on a rank with zero tokens (dropless);
+  capacity routing sends the E * C slots, and unequal token counts across the EP group
+  are one clear error on every rank;
 * the selection bias after a step at (world 4, ep 2, gradient accumulation 2) equals a
   single-process reference on the concatenated global batch, bitwise equal on every
   rank, with and without activation checkpointing.
@@ -57,7 +59,7 @@ def batch(world, case_index, empty_rank=None):
 def run_layer(layer, x, g):
     rows = []
     dispatch = layer.dispatcher.dispatch
-    layer.dispatcher.dispatch = lambda *a: rows.append(dispatch(*a)) or rows[-1]
+    layer.dispatcher.dispatch = lambda *a, **k: rows.append(dispatch(*a, **k)) or rows[-1]
     x = x.clone().requires_grad_()
     out = layer(x)
     ((out.y * g).sum() + 0.3 * out.aux_loss + 0.2 * out.z_loss + 0.7 * out.seq_loss).backward()
@@ -68,14 +70,16 @@ def run_layer(layer, x, g):
 
 
 def hand_count(layer, x, ep_size):
-    """(kept assignments, distinct (token, destination rank) pairs) from the router's
-    decision: what each dispatcher must send."""
+    """What each dispatcher must send, from the router's decision: per assignment, the
+    kept assignments (dropless) or the E * C capacity slots, filled or not (capacity);
+    once per rank, the distinct (token, destination rank) pairs."""
     with torch.no_grad():
         routing = layer.router(x.reshape(-1, D_MODEL), seq_len=SEQ)
     kept = routing.kept_order_N
     tokens, experts = routing.token_ids_A[kept].tolist(), routing.expert_ids_A[kept].tolist()
     per_rank = NUM_EXPERTS // ep_size
-    return len(kept), len({(t, e // per_rank) for t, e in zip(tokens, experts)})
+    per_assignment = len(kept) if routing.capacity is None else NUM_EXPERTS * routing.capacity
+    return per_assignment, len({(t, e // per_rank) for t, e in zip(tokens, experts)})
 
 
 def parity_worker(rank, world, ep_size, empty_rank=None, cases=range(len(CASES))):
@@ -200,7 +204,16 @@ def test_world_4_ep_4_parity_and_bias_after_one_step():
 
 def world2_worker(rank, world):
     out = {"ep2": parity_worker(rank, world, 2),
-           "empty": parity_worker(rank, world, 2, empty_rank=1, cases=[0])}
+           "empty": parity_worker(rank, world, 2, empty_rank=1, cases=[1])}
+    # Capacity routing exchanges fixed slots: unequal token counts are one clear error on
+    # every rank (checked once per count), never a gloo abort or a hang.
+    groups = build_groups(Topology(world, 2, NUM_EXPERTS), rank)
+    layer = build_layer(dict(top_k=1, capacity_factor=1.25), "per_assignment", groups.ep)
+    try:
+        layer(torch.randn(1 + rank, SEQ, D_MODEL))
+        out["unequal"] = None
+    except ValueError as e:
+        out["unequal"] = str(e)
     # Hand example: every token's two choices are experts 0 and 1, both on rank 0.
     groups = build_groups(Topology(world, 2, NUM_EXPERTS), rank)
     x = torch.rand(5, D_MODEL) + 0.1
@@ -217,10 +230,12 @@ def world2_worker(rank, world):
 def test_world_2_ep_2_parity_rows_sent_and_an_empty_rank():
     ranks = run_ranks(world2_worker, 2, timeout_s=180)
     check(2, 2, [r["ep2"] for r in ranks], single_process(2))
-    check(2, 2, [r["empty"] for r in ranks], single_process(2, empty_rank=1, cases=[0]))
+    check(2, 2, [r["empty"] for r in ranks], single_process(2, empty_rank=1, cases=[1]))
+    for r in range(2):
+        assert "they route [6, 12]" in ranks[r]["unequal"], ranks[r]["unequal"]
     for r in range(2):  # per assignment: 10 rows (5 tokens x 2); once per rank: 5
         assert ranks[r]["hand", "per_assignment"] == (10, 10 if r == 1 else 0)
         assert ranks[r]["hand", "once_per_rank"] == (5, 5 if r == 1 else 0)
-    assert ranks[1]["empty"][0, "once_per_rank"]["y"].shape == (0, SEQ, D_MODEL)
+    assert ranks[1]["empty"][1, "once_per_rank"]["y"].shape == (0, SEQ, D_MODEL)
     sent = {d: sum(r["ep2"][i, d]["rows_sent"] for r in ranks for i in range(len(CASES))) for d in DISPATCHES}
     assert sent["once_per_rank"] < sent["per_assignment"], sent

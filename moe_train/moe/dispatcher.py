@@ -9,12 +9,27 @@ Shape legend:
   V  such rows this rank receives from all peers (once-per-rank mode)
 
 Local work (permute, un-permute, weighted combine) is separate from communication:
-with R = 1 no collective is issued at all. With R > 1 the exchange is
-  counts:  all_to_all of [R, L] ints, so each rank knows its receive splits;
-  tokens:  all_to_all_single with variable splits (no padding to the busiest expert);
-  results: the same exchange with the splits swapped.
-Rank r owns global experts [r * L, (r + 1) * L), so rows already grouped by global
-expert are also grouped by destination rank.
+with R = 1 no collective is issued at all. Rank r owns global experts [r * L, (r + 1) * L),
+so rows grouped by global expert are also grouped by destination rank.
+
+Host reads (each a device->host synchronisation on a GPU, which stalls the queuing of
+kernels; counted in tests/test_host_reads.py): the layouts are chosen so that the host
+learns no size from the data where it need not.
+  capacity (a capacity factor; Switch, GShard): C slots per expert, known from T and the
+    config. At ep 1 with a kernel taking device offsets (``_grouped_mm``) the kept rows
+    are packed first in an [A, D] buffer; otherwise (``bmm``, and at any ep > 1) the
+    layout is [E, C, D] slots, empty ones zero, and the exchange is one all_to_all_single
+    of [R, L, C, D] with equal splits L * C each way: no count exchange, no read. Every
+    rank of the EP group must route the same T (checked once per new T).
+  dropless: at ep 1 no read with ``_grouped_mm`` (one ``tolist`` with ``bmm``, which pads
+    to the busiest expert). At ep > 1
+      counts:  all_to_all of [R, L] ints, so each rank knows its receive splits; the host
+               reads both count matrices ONCE, for the splits, the regrouping and the
+               experts' kernel sizes;
+      tokens:  all_to_all_single with variable splits (no padding to the busiest expert);
+      results: the same exchange with the splits swapped.
+  once per rank (below) reads the counts, the distinct pairs and the expansion: it trades
+    host reads for fewer bytes on the wire.
 
 Once-per-rank mode (``moe.dispatch: once_per_rank``, for k > 1): a token whose kept
 assignments go to several experts of one rank crosses the all-to-all ONCE to that rank,
@@ -50,6 +65,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moe_train.moe.router import Routing
@@ -71,6 +87,11 @@ class Dispatched:
         once_per_rank: the rows are (token, rank) pairs; then ``token_ids_U`` is the
             source token of each sent row, ``row_of_M`` the received row each expert row
             expands, ``gates_M`` its gate, ``num_received`` V.
+        rows_per_expert: set in the capacity layouts where every local expert gets the
+            same host-known number of rows (x_MD is [L * rows_per_expert, D]).
+        host_counts_L: ``tokens_per_expert_L`` as host ints, where the host already has
+            them (dropless at ep > 1).
+        has_holes: the combine's slot table may name a missing row (a dropped assignment).
     """
 
     x_MD: Tensor
@@ -89,6 +110,9 @@ class Dispatched:
     num_received: int = 0
     slots_ST: Optional[Tensor] = None
     slots_SV: Optional[Tensor] = None
+    rows_per_expert: Optional[int] = None
+    host_counts_L: Optional[list[int]] = None
+    has_holes: bool = False
 
 
 def _row_chunk(device: torch.device, width: int, num_rows: int) -> int:
@@ -113,13 +137,14 @@ class _GatedSlotSum(torch.autograd.Function):
     row chunks (``_row_chunk``); a chunk changes no number, only what stays in cache."""
 
     @staticmethod
-    def forward(ctx, y_ND: Tensor, gates_N: Optional[Tensor], dest_N: Tensor, slots_SX: Tensor) -> Tensor:
+    def forward(ctx, y_ND: Tensor, gates_N: Optional[Tensor], dest_N: Tensor, slots_SX: Tensor,
+                has_holes: bool = False) -> Tensor:
         ctx.save_for_backward(y_ND, gates_N, dest_N)
         num_rows, (num_slots, num_dest), width = y_ND.shape[0], slots_SX.shape, y_ND.shape[1]
         out_XD = y_ND.new_zeros((num_dest, width), dtype=torch.float32)
         if num_rows == 0:
             return out_XD
-        has_holes = num_rows < num_slots * num_dest
+        has_holes = has_holes or num_rows < num_slots * num_dest
         gates_N = None if gates_N is None else gates_N.float()
         chunk = _row_chunk(y_ND.device, width, num_dest)
         for start in range(0, num_dest, chunk):
@@ -152,7 +177,7 @@ class _GatedSlotSum(torch.autograd.Function):
                 torch.mul(grad_cD, gates_N[rows].float().unsqueeze(1), out=grad_y_ND[rows])
             elif need_y:
                 grad_y_ND[rows] = grad_cD
-        return grad_y_ND, grad_gates_N, None, None
+        return grad_y_ND, grad_gates_N, None, None, None
 
 
 def _slot_table(cell_N: Tensor, num_slots: int, num_dest: int) -> Tensor:
@@ -184,9 +209,21 @@ class Dispatcher:
         self.num_local = num_experts // ep_size
         self.once_per_rank, self.ep_rank = once_per_rank and ep_size > 1, ep_rank
         self.label = "MoE layer"  # the model names it ("MoE layer 3") for hang reports
+        self._tokens_checked: set[int] = set()  # T values the EP group agreed on (capacity mode)
 
-    def dispatch(self, x_TD: Tensor, routing: Routing) -> Dispatched:
-        kept_N = routing.kept_order_N
+    def dispatch(self, x_TD: Tensor, routing: Routing, packed: bool = False) -> Dispatched:
+        """Lays out the kept assignments for the experts (and exchanges them at ep > 1).
+
+        Args:
+            packed: with a capacity at ep 1, pack the kept rows at the front of an [A, D]
+                buffer for a kernel that takes device offsets (``_grouped_mm``) instead of
+                the [E, C, D] slots (``bmm``); the layer says which its experts run.
+        """
+        if routing.capacity is not None and not self.once_per_rank:
+            if packed and self.ep_size == 1:
+                return self._dispatch_packed(x_TD, routing)
+            return self._dispatch_capacity(x_TD, routing)
+        kept_N = routing.kept_order_N  # dropless: all of order_A, no read
         token_ids_N = routing.token_ids_A.index_select(0, kept_N)
         gates_N = routing.gates_A.index_select(0, kept_N)
         if self.once_per_rank:
@@ -203,14 +240,96 @@ class Dispatcher:
 
         send_RL = routing.kept_per_expert_E.view(self.ep_size, self.num_local)
         recv_RL = exchange_counts(send_RL, self.ep_group, f"{self.label} (token counts)")
-        send_splits = send_RL.sum(dim=1).tolist()
-        recv_splits = recv_RL.sum(dim=1).tolist()
+        # The one host read of a dropless layer at ep > 1: both count matrices at once,
+        # for the all-to-all splits, the regrouping and the experts' kernel sizes.
+        send_counts, recv_counts = torch.stack([send_RL, recv_RL]).tolist()
+        send_splits, recv_splits = [sum(row) for row in send_counts], [sum(row) for row in recv_counts]
+        host_counts_L = [sum(col) for col in zip(*recv_counts)]
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.ep_group, f"{self.label} (tokens to experts)")
-        regroup_M = self._rank_major_to_expert_major(recv_RL)
+        regroup_M = self._rank_major_to_expert_major(recv_RL, sum(recv_splits))
         return Dispatched(x_MD.index_select(0, regroup_M), recv_RL.sum(dim=0), token_ids_N,
                           gates_N, send_splits, recv_splits, regroup_M, rows_sent=sum(send_splits),
                           rows_sent_remote=sum(send_splits) - send_splits[self.ep_rank],
-                          slots_ST=slots_KT)
+                          slots_ST=slots_KT, host_counts_L=host_counts_L)
+
+    def _dispatch_capacity(self, x_TD: Tensor, routing: Routing) -> Dispatched:
+        """The capacity layout: C slots per global expert, S = E * C rows, slot (e, c) at
+        row e * C + c holding expert e's kept assignment of rank c (zeros when empty).
+        Every size follows from T and the config, so the host reads nothing; at ep > 1
+        the exchange is the [R, L, C, D] buffer with equal splits L * C, no count
+        exchange. This needs the same T on every rank of the EP group, which the data
+        pipeline guarantees (every micro-batch is [B, S], padded at the end of an epoch);
+        the first call with a given T checks it (``_check_same_tokens``).
+        """
+        R, L, T = self.ep_size, self.num_local, x_TD.shape[0]
+        if R > 1 and T not in self._tokens_checked:
+            self._check_same_tokens(T, x_TD.device)
+        C, num_slots = routing.capacity, self.num_experts * routing.capacity
+        kept_A = routing.kept_A
+        num_assignments = kept_A.numel()
+        arange_A = torch.arange(num_assignments, device=x_TD.device)
+        # Distinct targets: a dropped assignment goes past the slots (num_slots + a).
+        pos_A = torch.where(kept_A, routing.expert_ids_A * C + routing.slot_A, num_slots + arange_A)
+        assign_S = torch.full((num_slots + num_assignments,), num_assignments, dtype=torch.int64,
+                              device=x_TD.device).index_copy_(0, pos_A, arange_A)[:num_slots]
+        filled_S = assign_S < num_assignments
+        assign_S = assign_S.clamp(max=max(num_assignments - 1, 0))
+        token_S = routing.token_ids_A.index_select(0, assign_S)
+        gates_S = torch.where(filled_S, routing.gates_A.index_select(0, assign_S), 0.0)
+        x_SD = x_TD.index_select(0, token_S).masked_fill(~filled_S.unsqueeze(1), 0)
+        slots_KT = torch.where(kept_A, pos_A, num_slots).view(-1, T) if T else pos_A.view(0, 0)
+        rows_local = num_slots // R
+        if R > 1:  # [R, L, C, D] out, [R (sources), L, C, D] in: regroup expert-major
+            splits = [rows_local] * R
+            x_RLCD = all_to_all(x_SD, splits, splits, self.ep_group,
+                                f"{self.label} (tokens to experts, capacity slots)").view(R, L, C, -1)
+            x_SD = x_RLCD.transpose(0, 1).reshape(num_slots, -1)
+        else:
+            splits = None
+        return Dispatched(x_SD, routing.kept_per_expert_E, token_S, gates_S, splits, splits,
+                          rows_sent=num_slots, rows_sent_remote=num_slots - rows_local,
+                          slots_ST=slots_KT, rows_per_expert=R * C, has_holes=True)
+
+    def _check_same_tokens(self, num_tokens: int, device: torch.device) -> None:
+        """Once per distinct T: every rank of the EP group must route T tokens, or the
+        capacity exchange's fixed splits would not match (gloo aborts the process, NCCL
+        may hang or mix rows). One gather and one host read per new T, none after."""
+        got = torch.empty(self.ep_size, dtype=torch.int64, device=device)
+        dist.all_gather_single(got, torch.tensor([num_tokens], dtype=torch.int64, device=device),
+                               group=self.ep_group)
+        counts = got.tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"{self.label}: capacity routing at ep {self.ep_size} exchanges fixed [E, C, D] "
+                f"slots and needs the same number of tokens on every rank of the expert-parallel "
+                f"group; they route {counts}. Give every rank the same micro-batch shape, or set "
+                f"moe.capacity_factor: null (dropless, variable splits)")
+        self._tokens_checked.add(num_tokens)
+
+    def _dispatch_packed(self, x_TD: Tensor, routing: Routing) -> Dispatched:
+        """Capacity at ep 1 for a kernel with device offsets: the A assignments in expert
+        order with the kept ones first (expert e's kept rows at [start_e, start_e + n_e)),
+        the dropped ones after them as zero rows the kernel never computes. No host read,
+        and no work on empty slots."""
+        T, A = x_TD.shape[0], routing.slot_A.numel()
+        order_A, kept_A = routing.order_A, routing.kept_A
+        kept_sorted_A = kept_A.index_select(0, order_A)
+        arange_A = torch.arange(A, device=x_TD.device)
+        kept_before_A = torch.cumsum(kept_sorted_A, 0)
+        num_kept = kept_before_A[-1:] if A else kept_before_A.new_zeros(1)
+        # Kept: its rank among the kept; dropped: after every kept row, in sorted order.
+        pos_sorted_A = torch.where(kept_sorted_A, kept_before_A - 1, num_kept + arange_A - kept_before_A)
+        assign_of_row_A = torch.empty_like(order_A).index_copy_(0, pos_sorted_A, order_A)
+        pos_A = torch.empty_like(order_A).index_copy_(0, order_A, pos_sorted_A)
+        kept_row_A = arange_A < num_kept
+        token_of_row_A = routing.token_ids_A.index_select(0, assign_of_row_A)
+        gates_row_A = torch.where(kept_row_A, routing.gates_A.index_select(0, assign_of_row_A), 0.0)
+        # Zero rows for the dropped: the kernel leaves their outputs AND input gradients
+        # unwritten, and the fill's backward keeps those out of x's gradient.
+        x_AD = x_TD.index_select(0, token_of_row_A).masked_fill(~kept_row_A.unsqueeze(1), 0)
+        slots_KT = torch.where(kept_A, pos_A, A).view(-1, T) if T else pos_A.view(0, 0)
+        return Dispatched(x_AD, routing.kept_per_expert_E, token_of_row_A, gates_row_A,
+                          rows_sent=A, slots_ST=slots_KT, has_holes=True)
 
     def _dispatch_once_per_rank(self, x_TD: Tensor, routing: Routing, token_ids_N: Tensor,
                                 gates_N: Tensor) -> Dispatched:
@@ -271,19 +390,24 @@ class Dispatcher:
             z_UD = all_to_all(z_VD.to(y_MD.dtype), d.recv_splits, d.send_splits, self.ep_group,
                               f"{self.label} (expert outputs back, once per rank)")
             return _GatedSlotSum.apply(z_UD, None, d.token_ids_U, d.slots_ST)
-        if self.ep_size > 1:
+        if self.ep_size > 1 and d.rows_per_expert is not None:  # capacity slots back, [R, L, C, D]
+            R, L = self.ep_size, self.num_local
+            y_RLCD = y_MD.view(L, R, d.rows_per_expert // R, -1).transpose(0, 1).reshape(y_MD.shape)
+            y_ND = all_to_all(y_RLCD, d.recv_splits, d.send_splits, self.ep_group,
+                              f"{self.label} (expert outputs back, capacity slots)")
+        elif self.ep_size > 1:
             y_rank_major_MD = torch.empty_like(y_MD).index_copy(0, d.regroup_M, y_MD)
             y_ND = all_to_all(y_rank_major_MD, d.recv_splits, d.send_splits, self.ep_group,
                               f"{self.label} (expert outputs back)")
         else:
             y_ND = y_MD
-        return _GatedSlotSum.apply(y_ND, d.gates_N, d.token_ids_N, d.slots_ST)
+        return _GatedSlotSum.apply(y_ND, d.gates_N, d.token_ids_N, d.slots_ST, d.has_holes)
 
-    def _rank_major_to_expert_major(self, recv_RL: Tensor) -> Tensor:
+    def _rank_major_to_expert_major(self, recv_RL: Tensor, num_rows: int) -> Tensor:
         """Received rows come as (source rank, local expert) chunks in rank-major order;
         the experts want them expert-major. Returns the row permutation."""
         num_ranks, num_local = recv_RL.shape
         chunk_key_RL = (torch.arange(num_local, device=recv_RL.device).unsqueeze(0) * num_ranks
                         + torch.arange(num_ranks, device=recv_RL.device).unsqueeze(1))
-        key_M = torch.repeat_interleave(chunk_key_RL.reshape(-1), recv_RL.reshape(-1))
+        key_M = torch.repeat_interleave(chunk_key_RL.reshape(-1), recv_RL.reshape(-1), output_size=num_rows)
         return torch.argsort(key_M, stable=True)

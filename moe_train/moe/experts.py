@@ -48,6 +48,8 @@ same whatever the expert-parallel split is.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
@@ -134,12 +136,13 @@ def expert_activation(h_xF: Tensor, g_xF: Tensor | None, activation: str) -> Ten
     return F_.silu(h_xF) * g_xF
 
 
-def _padded_rows_index(tokens_per_expert_E: Tensor, rows_per_expert: int) -> Tensor:
-    """dest_N[i] = e * M + (i - start_e) for row i of expert e: its row in [E * M, D]."""
+def _padded_rows_index(tokens_per_expert_E: Tensor, rows_per_expert: int, num_rows: int) -> Tensor:
+    """dest_N[i] = e * M + (i - start_e) for row i of expert e: its row in [E * M, D].
+    ``num_rows``: the counts' sum, known to the host (no read for the output size)."""
     num_experts = tokens_per_expert_E.shape[0]
     device = tokens_per_expert_E.device
     expert_of_row_N = torch.repeat_interleave(
-        torch.arange(num_experts, device=device), tokens_per_expert_E)
+        torch.arange(num_experts, device=device), tokens_per_expert_E, output_size=num_rows)
     start_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
     shift_E = torch.arange(num_experts, device=device) * rows_per_expert - start_E
     return torch.arange(expert_of_row_N.shape[0], device=device) + shift_E[expert_of_row_N]
@@ -184,19 +187,25 @@ class GroupedExperts(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F, dtype=dtype))
         self.w2_EFD = nn.Parameter(torch.empty(E, F, D, dtype=dtype))
         self.w3_EDF = nn.Parameter(torch.empty(E, D, F, dtype=dtype)) if activation == "swiglu" else None
-        self.reset_parameters()
+        if not self.w1_EDF.is_meta:  # on the meta device the model initialises it later
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draws each local expert from its global expert's generator, in a fixed order
-        (w1, then w2, then w3), always in fp32 so the values do not depend on dtype."""
+        (w1, then w2, then w3), always in fp32 on the CPU so the values depend on neither
+        dtype nor device. An fp32 CPU parameter is drawn into in place (no temporary the
+        size of an expert); any other goes through one fp32 CPU expert at a time."""
         D, F = self.d_model, self.d_ff
         for e in range(self.num_local_experts):
             gen = torch.Generator().manual_seed(expert_seed(self.seed, self.first_global_expert_id + e))
-            self.w1_EDF[e].copy_(torch.randn(D, F, generator=gen) * D ** -0.5)
-            self.w2_EFD[e].copy_(torch.randn(F, D, generator=gen) * F ** -0.5)
-            if self.w3_EDF is not None:
-                self.w3_EDF[e].copy_(torch.randn(D, F, generator=gen) * D ** -0.5)
+            for w, scale in ((self.w1_EDF, D ** -0.5), (self.w2_EFD, F ** -0.5), (self.w3_EDF, D ** -0.5)):
+                if w is None:
+                    continue
+                if w.device.type == "cpu" and w.dtype == torch.float32:
+                    torch.randn(w.shape[1:], generator=gen, out=w.detach()[e]).mul_(scale)
+                else:
+                    w[e].copy_(torch.randn(w.shape[1:], generator=gen).mul_(scale))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_local_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
@@ -220,34 +229,65 @@ class GroupedExperts(nn.Module):
         g_nF = x_nD @ self.w3_EDF[e].to(dtype) if self.w3_EDF is not None else None
         return self._act(h_nF, g_nF) @ self.w2_EFD[e].to(dtype)
 
-    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Optional[Tensor] = None, *,
+                rows_per_expert: Optional[int] = None, host_counts: Optional[list[int]] = None) -> Tensor:
         """All local experts on their rows, in one batched kernel per matmul.
+
+        Two layouts of the rows:
+          ragged: grouped by local expert with ``tokens_per_expert_E`` rows each (a device
+              tensor); rows past their sum are padding: their outputs are unspecified and
+              their gradients ignored (the caller never reads them). ``host_counts``: the
+              same counts as host ints, when the caller already has them.
+          uniform: ``rows_per_expert`` M (a host int): every expert has exactly M rows,
+              x_ND is [E * M, D] (the capacity layout; the counts are not needed).
+        Host reads: none, except "bmm" on a ragged layout without ``host_counts`` (the
+        padded buffer needs the busiest expert's count: one ``tolist``). "grouped_mm"
+        takes its offsets on the device.
 
         Args:
             x_ND: [N, D] rows grouped by local expert (contiguous runs, expert order).
-            tokens_per_expert_E: int64 [E] rows per expert; zeros allowed; sums to N.
+            tokens_per_expert_E: int64 [E] rows per expert (ragged); zeros allowed; sums
+                to at most N.
         Returns:
             y_ND [N, D], same row order, dtype of x. Differentiable w.r.t. x and weights;
             for N = 0 an empty tensor that still reaches every weight in backward.
+        Raises:
+            ValueError: shapes, or host counts that do not fit the rows;
+            RuntimeError: device counts summing past N (checked on the device, raised
+                where the device reports it).
         """
         E, D = self.num_local_experts, self.d_model
         if x_ND.dim() != 2 or x_ND.shape[1] != D:
             raise ValueError(f"x_ND has shape {tuple(x_ND.shape)}: expected [N, {D}]")
-        if tokens_per_expert_E.shape != (E,):
-            raise ValueError(f"tokens_per_expert_E has shape {tuple(tokens_per_expert_E.shape)}: "
-                             f"expected [{E}]")
-        counts = tokens_per_expert_E.tolist()  # one host sync; the kernels need sizes anyway
         num_rows = x_ND.shape[0]
-        if sum(counts) != num_rows or min(counts) < 0:
-            # _grouped_mm does not check offs: a bad count would read past x_ND.
-            raise ValueError(f"tokens_per_expert_E sums to {sum(counts)} (min {min(counts)}), "
-                             f"but x_ND has {num_rows} rows")
         x_ND = x_ND.contiguous()
         impl = self.resolved_impl(x_ND.device, x_ND.dtype)
+        if rows_per_expert is not None:
+            if num_rows != E * rows_per_expert:
+                raise ValueError(f"x_ND has {num_rows} rows: expected {E} experts x {rows_per_expert}")
+            if impl == "grouped_mm" and num_rows > 0:
+                offs_E = torch.arange(1, E + 1, device=x_ND.device, dtype=torch.int32) * rows_per_expert
+                return self._forward_grouped_mm(x_ND, offs_E)
+            return self._forward_bmm(x_ND, None, rows_per_expert)
+        if tokens_per_expert_E is None or tokens_per_expert_E.shape != (E,):
+            shape = None if tokens_per_expert_E is None else tuple(tokens_per_expert_E.shape)
+            raise ValueError(f"tokens_per_expert_E has shape {shape}: expected [{E}]")
+        if host_counts is not None and (sum(host_counts) > num_rows or min(host_counts) < 0):
+            # _grouped_mm does not check offs: a bad count would read past x_ND.
+            raise ValueError(f"tokens_per_expert_E sums to {sum(host_counts)} (min {min(host_counts)}), "
+                             f"but x_ND has {num_rows} rows")
         if impl == "grouped_mm" and num_rows > 0:
-            return self._forward_grouped_mm(x_ND, tokens_per_expert_E)
+            offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+            if host_counts is None:  # a device-side check: no host read
+                torch._assert_async(offs_E[-1] <= num_rows, "moe: tokens_per_expert_E sums to more "
+                                    "rows than x_ND has")
+            return self._forward_grouped_mm(x_ND, offs_E)
+        counts = host_counts if host_counts is not None else tokens_per_expert_E.tolist()
+        if sum(counts) > num_rows or min(counts) < 0:
+            raise ValueError(f"tokens_per_expert_E sums to {sum(counts)} (min {min(counts)}), "
+                             f"but x_ND has {num_rows} rows")
         # N = 0: an [E, 0, D] bmm gives the empty output that still reaches the weights.
-        return self._forward_bmm(x_ND, tokens_per_expert_E, max(counts))
+        return self._forward_bmm(x_ND, (tokens_per_expert_E, sum(counts)), max(counts))
 
     def resolved_impl(self, device: torch.device, dtype: torch.dtype) -> str:
         """The kernel this module runs for inputs on ``device`` in ``dtype``: chosen once
@@ -278,24 +318,31 @@ class GroupedExperts(nn.Module):
         w3 = self.w3_EDF.to(dtype) if self.w3_EDF is not None else None
         return self.w1_EDF.to(dtype), self.w2_EFD.to(dtype), w3
 
-    def _forward_bmm(self, x_ND: Tensor, tokens_per_expert_E: Tensor, rows_per_expert: int) -> Tensor:
+    def _forward_bmm(self, x_ND: Tensor, ragged: Optional[tuple[Tensor, int]], rows_per_expert: int) -> Tensor:
+        """``ragged`` None: x_ND already is [E, M, D]. Else (counts_E, their host sum K):
+        the first K rows are scattered into a zero-padded [E, M, D] buffer and gathered
+        back; rows past K get zeros."""
         E, D, M = self.num_local_experts, self.d_model, rows_per_expert
         w1, w2, w3 = self._weights(x_ND.dtype)
-        uniform = x_ND.shape[0] == E * M
-        if uniform:  # every expert has M rows: the grouped rows already are [E, M, D]
-            x_EMD = x_ND.view(E, M, D)
+        num_rows = x_ND.shape[0]
+        if ragged is None or num_rows == E * M == ragged[1]:  # already [E, M, D]: a free view
+            ragged, x_EMD = None, x_ND.view(E, M, D)
         else:
-            dest_N = _padded_rows_index(tokens_per_expert_E, M)
-            x_EMD = _RowsToPadded.apply(x_ND, dest_N, E * M).view(E, M, D)
+            counts_E, total = ragged
+            dest_K = _padded_rows_index(counts_E, M, total)
+            x_EMD = _RowsToPadded.apply(x_ND[:total], dest_K, E * M).view(E, M, D)
         h_EMF = torch.bmm(x_EMD, w1)
         g_EMF = torch.bmm(x_EMD, w3) if w3 is not None else None
         y_EMD = torch.bmm(self._act(h_EMF, g_EMF), w2)
-        if uniform:
+        if ragged is None:
             return y_EMD.view(E * M, D)
-        return _PaddedToRows.apply(y_EMD.view(E * M, D), dest_N)
+        y_KD = _PaddedToRows.apply(y_EMD.view(E * M, D), dest_K)
+        if total == num_rows:
+            return y_KD
+        return torch.cat([y_KD, y_KD.new_zeros((num_rows - total, D))])
 
-    def _forward_grouped_mm(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+    def _forward_grouped_mm(self, x_ND: Tensor, offs_E: Tensor) -> Tensor:
+        """``offs_E``: int32 [E] cumulative row counts (on the device)."""
         w1, w2, w3 = self._weights(x_ND.dtype)
         h_NF = torch._grouped_mm(x_ND, w1, offs=offs_E)
         g_NF = torch._grouped_mm(x_ND, w3, offs=offs_E) if w3 is not None else None

@@ -96,8 +96,10 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         seq_len = x.shape[-2] if x.dim() >= 3 else None  # [.., S, D]: sequences of S tokens
         routing = self.router(x_TD, seq_len=seq_len)
-        dispatched = self.dispatcher.dispatch(x_TD, routing)
-        y_MD = self.experts(dispatched.x_MD, dispatched.tokens_per_expert_L)
+        packed = self.experts.resolved_impl(x_TD.device, x_TD.dtype) == "grouped_mm"
+        dispatched = self.dispatcher.dispatch(x_TD, routing, packed=packed)
+        y_MD = self.experts(dispatched.x_MD, dispatched.tokens_per_expert_L,
+                            rows_per_expert=dispatched.rows_per_expert, host_counts=dispatched.host_counts_L)
         # fp32 (gates and the sum over k outputs; the dispatcher's docstring), with the
         # shared output added in fp32 too: the one cast to x's dtype is at the return.
         y_TD = self.dispatcher.combine(y_MD, dispatched, x_TD.shape[0])

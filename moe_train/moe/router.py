@@ -44,11 +44,16 @@ class Routing:
             (all first choices by token position, then all second choices, ...).
         token_ids_A: int64 [A], source token of each assignment.
         gates_A: fp32 [A], combine weight of each assignment (differentiable).
-        kept_order_N: int64 [N], indices into the A assignments that survived capacity,
-            sorted by expert (stable, so priority order within an expert).
+        order_A: int64 [A], the assignments sorted by expert (stable, so priority order
+            within an expert).
+        slot_A: int64 [A], each assignment's 0-based rank inside its expert; it is kept
+            when slot < capacity.
         kept_per_expert_E: int64 [E], kept assignments per expert (sums to N).
         routed_per_expert_E: int64 [E], assignments per expert before dropping.
         capacity: slots per expert, or None when dropless.
+    Nothing here is read by the host: the kept assignments are a mask on the device
+    (``kept_A``), never a list whose length the host must learn (the dispatcher lays them
+    out in buffers whose sizes the host knows; moe/dispatcher.py).
         aux_loss, z_loss: fp32 scalars, coefficients NOT applied.
         seq_loss: fp32 scalar, the sequence-wise balance loss (zero, no graph, when
             ``moe.seq_balance_coef`` is 0), coefficient NOT applied.
@@ -59,7 +64,8 @@ class Routing:
     expert_ids_A: Tensor
     token_ids_A: Tensor
     gates_A: Tensor
-    kept_order_N: Tensor
+    order_A: Tensor
+    slot_A: Tensor
     kept_per_expert_E: Tensor
     routed_per_expert_E: Tensor
     capacity: Optional[int]
@@ -69,9 +75,22 @@ class Routing:
     seq_loss: Tensor
 
     @property
+    def kept_A(self) -> Optional[Tensor]:
+        """bool [A], the assignments that survived capacity; None when dropless (all)."""
+        return None if self.capacity is None else self.slot_A < self.capacity
+
+    @property
+    def kept_order_N(self) -> Tensor:
+        """int64 [N], the kept assignments sorted by expert. A host read (its length is
+        data-dependent): for tests and tools, never the training path."""
+        kept_A = self.kept_A
+        return self.order_A if kept_A is None else self.order_A[kept_A.index_select(0, self.order_A)]
+
+    @property
     def num_dropped(self) -> int:
-        """Assignments dropped by capacity (a host int: boolean masking already synced)."""
-        return self.expert_ids_A.numel() - self.kept_order_N.numel()
+        """Assignments dropped by capacity, a host int (a read: tests and tools only;
+        ``MoEStats.num_dropped`` is the device tensor)."""
+        return int(self.routed_per_expert_E.sum() - self.kept_per_expert_E.sum())
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -122,11 +141,14 @@ def rank_within_expert(expert_ids_A: Tensor, num_experts: int,
         # the assignment index order, so the result is deterministic.
         by_priority_A = torch.argsort(priority_A, descending=True, stable=True)
         order_A = by_priority_A[torch.argsort(expert_ids_A[by_priority_A], stable=True)]
-    counts_E = torch.bincount(expert_ids_A, minlength=num_experts)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    slot_sorted_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[expert_ids_A[order_A]]
-    slot_A = torch.empty_like(slot_sorted_A)
-    slot_A[order_A] = slot_sorted_A
+    # Counts from the sorted ids, not torch.bincount (which reads min/max on a GPU):
+    # expert e's run in sorted order is [starts_E[e], ends_E[e]).
+    sorted_A = expert_ids_A.index_select(0, order_A)
+    experts_E = torch.arange(num_experts, device=expert_ids_A.device, dtype=expert_ids_A.dtype)
+    starts_E = torch.searchsorted(sorted_A, experts_E)
+    counts_E = torch.searchsorted(sorted_A, experts_E, right=True) - starts_E
+    slot_sorted_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E.index_select(0, sorted_A)
+    slot_A = torch.empty_like(slot_sorted_A).index_copy_(0, order_A, slot_sorted_A)
     return order_A, slot_A, counts_E
 
 
@@ -155,11 +177,18 @@ class Router(nn.Module):
         # Dense parameter (replicated, averaged over all DP ranks). Init scaled down 10x, as
         # Switch (section 2.4) recommends, so routing starts near uniform and stable.
         self.w_DE = nn.Parameter(torch.empty(d_model, cfg.num_experts))
-        nn.init.normal_(self.w_DE, std=d_model ** -0.5 * 0.1)
         if cfg.has_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        if not self.w_DE.is_meta:  # on the meta device the model initialises it later
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_DE, std=self.w_DE.shape[0] ** -0.5 * 0.1)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
 
     def _apply(self, fn, recurse=True):
         """``module.to(bf16)``, ``.half()``...: the bias follows the device, never the
@@ -170,7 +199,9 @@ class Router(nn.Module):
         finally:
             if bias is not None:
                 moved = fn(bias)
-                self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+                self._buffers["expert_bias"] = (  # from the meta device (to_empty): allocate only
+                    torch.empty_like(bias, device=moved.device) if bias.is_meta
+                    else bias.to(device=moved.device, dtype=torch.float32))
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """fp32 router logits; multiplicative jitter on the input in training only."""
@@ -220,11 +251,7 @@ class Router(nn.Module):
         if capacity is not None and cfg.drop_policy == "probs":
             priority_A = top_scores_TK.detach().t().reshape(-1)
         order_A, slot_A, routed_E = rank_within_expert(expert_ids_A, num_experts, priority_A)
-        if capacity is None:
-            kept_order_N, kept_E = order_A, routed_E
-        else:
-            kept_order_N = order_A[slot_A[order_A] < capacity]
-            kept_E = routed_E.clamp(max=capacity)
+        kept_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
 
         lse_T = self._logsumexp(logits_TE, scores_TE, expert_ids_TK, top_scores_TK)
         # P of the balance losses: a distribution over experts per token.
@@ -237,7 +264,7 @@ class Router(nn.Module):
                 entropy = (lse_T.sum() - torch.linalg.vecdot(dist_TE, logits_TE).sum()) / max(num_tokens, 1)
             else:
                 entropy = -torch.special.xlogy(dist_TE, dist_TE).sum() / max(num_tokens, 1)
-        return Routing(expert_ids_A, token_ids_A, gates_A, kept_order_N, kept_E, routed_E,
+        return Routing(expert_ids_A, token_ids_A, gates_A, order_A, slot_A, kept_E, routed_E,
                        capacity, aux_loss, z_loss, entropy, seq_loss)
 
     def _logsumexp(self, logits_TE: Tensor, scores_TE: Tensor, expert_ids_TK: Tensor,
