@@ -18,10 +18,10 @@ def build_model(cfg, groups: ParallelGroups, device: torch.device) -> MoETransfo
         groups: this rank's process groups; the MoE layers exchange tokens over
             ``groups.ep``, and with ``moe.balance_scope: global`` average the balance
             statistics over ``groups.dp``.
-        device: where the parameters go.
+        device: where the parameters are allocated and drawn.
     """
     torch.manual_seed(cfg.train.seed)  # identical dense init on every rank
     balance_group = groups.dp if cfg.moe.balance_scope == "global" else None
-    model = MoETransformer(cfg.model, cfg.moe, ep_group=groups.ep, balance_group=balance_group,
-                           activation_checkpointing=cfg.train.activation_checkpointing)
-    return model.to(device)
+    # Built on the meta device and allocated once, on ``device`` (MoETransformer's docstring).
+    return MoETransformer(cfg.model, cfg.moe, ep_group=groups.ep, balance_group=balance_group,
+                          activation_checkpointing=cfg.train.activation_checkpointing, device=device)

@@ -123,14 +123,40 @@ class MoETransformer(nn.Module):
             losses and statistics are recorded once per layer (Megatron #1330). Under
             expert parallelism the recomputation repeats the all-to-alls; every rank
             recomputes the same blocks in the same order.
+        device: None builds the parameters where torch's default device says (the CPU),
+            drawing each as it is made. A device builds every module on the meta device
+            (no memory, no work), allocates this rank's parameters once on ``device``
+            (its experts only, under expert parallelism) and draws them there: the same
+            draws in the same order, so on the CPU the result is bit for bit the model
+            built with None (tests/test_model.py), without a CPU copy on the way to a GPU.
     """
 
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, ep_group=None, balance_group=None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, device: torch.device | str | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
+        if device is None:
+            self._build(cfg, moe_cfg, ep_group, balance_group)
+        else:
+            with torch.device("meta"):
+                self._build(cfg, moe_cfg, ep_group, balance_group)
+            # to_empty makes new Parameters: carry over what the modules set on theirs
+            # (the expert marks DeepSpeed groups by: allreduce, group_name).
+            marks = {name: dict(p.__dict__) for name, p in self.named_parameters() if p.__dict__}
+            self.to_empty(device=device)
+            for name, p in self.named_parameters():
+                p.__dict__.update(marks.get(name, {}))
+            with torch.no_grad():
+                # Every module's own draws, in the order the modules were made (that of an
+                # eager build: its constructors drew in this order).
+                for module in self.modules():
+                    if module is not self and hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+        self._init_dense()
+
+    def _build(self, cfg: ModelConfig, moe_cfg: MoEConfig, ep_group, balance_group) -> None:
         Ee = embed_width(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, Ee)
         self.embed_proj = nn.Linear(Ee, cfg.d_model, bias=False) if factorised(cfg) else None
@@ -148,6 +174,19 @@ class MoETransformer(nn.Module):
         self.norm = make_norm(cfg)
         self.head_proj = nn.Linear(cfg.d_model, Ee, bias=False) if factorised(cfg) else None
         self.head = nn.Linear(Ee, cfg.vocab_size, bias=False)
+        for i, block in enumerate(self.blocks):
+            if block.is_moe and mlp_owner[i] == i:
+                uses = [j for j in range(cfg.num_layers) if mlp_owner[j] == i]
+                block.mlp.block_ids = uses  # metrics.RoutingMonitor names the layer by uses[0]
+                # names the layer's all-to-alls in hang reports
+                block.mlp.dispatcher.label = f"MoE layer {i}" + (
+                    f" (shared by blocks {', '.join(map(str, uses))})" if len(uses) > 1 else "")
+
+    @torch.no_grad()
+    def _init_dense(self) -> None:
+        """The dense 2-D weights N(0, init_std), the factorised projections N(0, 1/fan_in),
+        then the tied head (after any materialisation, which unties)."""
+        cfg = self.cfg
         for name, p in self.named_parameters():  # unique: a shared weight is drawn once
             if p.dim() == 2 and ".experts." not in name and ".router." not in name:
                 nn.init.normal_(p, std=cfg.init_std)
@@ -156,13 +195,6 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        for i, block in enumerate(self.blocks):
-            if block.is_moe and mlp_owner[i] == i:
-                uses = [j for j in range(cfg.num_layers) if mlp_owner[j] == i]
-                block.mlp.block_ids = uses  # metrics.RoutingMonitor names the layer by uses[0]
-                # names the layer's all-to-alls in hang reports
-                block.mlp.dispatcher.label = f"MoE layer {i}" + (
-                    f" (shared by blocks {', '.join(map(str, uses))})" if len(uses) > 1 else "")
 
     def forward(self, input_ids_BS: Tensor, labels_BS: Tensor | None = None) -> ModelOutput:
         S = input_ids_BS.shape[1]

@@ -37,11 +37,24 @@ class SharedExpert(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str, gated: bool):
         super().__init__()
         self.activation = activation
-        self.w1_DF = nn.Parameter(torch.randn(d_model, d_ff) * d_model ** -0.5)
-        self.w2_FD = nn.Parameter(torch.randn(d_ff, d_model) * d_ff ** -0.5)
-        self.w3_DF = nn.Parameter(torch.randn(d_model, d_ff) * d_model ** -0.5) if activation == "swiglu" else None
-        # Small init, like the router: the gate starts near 0.5 for every token.
-        self.w_gate_D = nn.Parameter(torch.randn(d_model) * d_model ** -0.5 * 0.1) if gated else None
+        self.w1_DF = nn.Parameter(torch.empty(d_model, d_ff))
+        self.w2_FD = nn.Parameter(torch.empty(d_ff, d_model))
+        self.w3_DF = nn.Parameter(torch.empty(d_model, d_ff)) if activation == "swiglu" else None
+        self.w_gate_D = nn.Parameter(torch.empty(d_model)) if gated else None
+        if not self.w1_DF.is_meta:  # on the meta device the model initialises it later
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """w1, w3 ~ N(0, 1/D), w2 ~ N(0, 1/F), the gate N(0, 0.01/D): drawn from the global
+        RNG in that order, as ``randn * scale`` (its values do not depend on the order of
+        anything else)."""
+        D, F = self.w1_DF.shape
+        for p, scale in ((self.w1_DF, D ** -0.5), (self.w2_FD, F ** -0.5), (self.w3_DF, D ** -0.5),
+                         # small, like the router: the gate starts near 0.5 for every token
+                         (self.w_gate_D, D ** -0.5 * 0.1)):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, device=p.device) * scale)
 
     def ffn(self, x_TD: Tensor) -> Tensor:
         """The ungated FFN in the dtype of ``x_TD`` (the autocast dtype under autocast)."""
