@@ -30,8 +30,14 @@ Part 2, memory (always 2 gloo ranks on CPU, ep 2, whatever --device says: it cou
   and compares adam_state + fp32_master with
   ``sizing.memory_estimate(...).optimizer``. Target: within 10%.
 
+Part 3, optimizer (one process, like part 1): the MoE model's step with each
+  ``optim.impl`` (loop, foreach, fused; ``auto`` is fused on CUDA, foreach on CPU), and
+  the optimizer's share of it: the time inside DeepSpeed's ``step()`` (ZeRO's gradient
+  bookkeeping, clipping, the torch AdamW over the flat partitions, the copy back) and
+  inside the torch AdamW ``step()`` alone, as medians over --reps steps.
+
   python -m benchmarks.train_step [--reps 5] [--warmup 2] [--configs tiny,medium]
-      [--device cpu|cuda] [--dtype fp32|bf16] [--parts timing,memory] [--json out.json]
+      [--device cpu|cuda] [--dtype fp32|bf16] [--parts timing,memory,optimizer] [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +68,12 @@ CONFIGS = {
     "medium": ["model.vocab_size=2048", "model.d_model=256", "model.num_layers=4", "model.num_heads=4",
                "model.d_ff=512", "model.max_seq_len=256", "moe.num_experts=8", "moe.top_k=2",
                "moe.d_ff=256", "data.seq_len=256", "data.micro_batch_size=6"],
+    # Switch-Base-8-like (Fedus et al. 2021: T5-Base widths, 8 experts, top-1, MoE in every
+    # other block), for the GPU step's MFU (benchmarks/gpu_session.sh); minutes a step on CPU.
+    "switch8": ["model.vocab_size=32128", "model.d_model=768", "model.num_layers=12", "model.num_heads=12",
+                "model.d_ff=3072", "model.max_seq_len=512", "model.position=rope", "moe.num_experts=8",
+                "moe.top_k=1", "moe.d_ff=3072", "moe.activation=gelu", "data.seq_len=512",
+                "data.micro_batch_size=16"],
 }
 STEP_TARGET = 1.3  # max MoE step / dense step
 MEMORY_TOLERANCE = 0.10  # measured optimizer bytes within 10% of the analytic estimate
@@ -254,6 +266,87 @@ def run_timing(args, names: list[str]) -> tuple[list[dict], Optional[float]]:
             dist.destroy_process_group()
 
 
+# -------------------------------------------------------------------------- optimizer
+
+OPTIM_IMPLS = ("loop", "foreach", "fused")
+
+
+class _Timed:
+    """Wraps ``obj.method`` to add the seconds of each call to ``self.seconds``."""
+
+    def __init__(self, obj, method: str, device):
+        self.seconds, real = 0.0, getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = real(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - t0
+            return out
+        setattr(obj, method, timed)
+
+
+def time_optimizer(name: str, args, device, groups) -> list[dict]:
+    """Part 3 for one config: per optim.impl, the step's median seconds and the medians
+    of DeepSpeed's step() and of the torch AdamW step() inside it."""
+    from moe_train.model.build import build_model
+    from moe_train.train.engine import build_engine
+
+    rows = []
+    for impl in OPTIM_IMPLS:
+        cfg = bench_config(name, dtype=args.dtype, capacity_factor=args.capacity_factor)
+        cfg.optim.impl = impl
+        torch.manual_seed(cfg.train.seed)
+        engine = build_engine(cfg, build_model(cfg, groups, device), groups)
+        stepper = _Stepper(engine, cfg, groups, device)
+        inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+        ds_step, adam_step = _Timed(engine.ds, "step", device), _Timed(inner, "step", device)
+        for _ in range(args.warmup):
+            stepper()
+        steps, ds_s, adam_s = [], [], []
+        for _ in range(args.reps):
+            ds_step.seconds = adam_step.seconds = 0.0
+            steps.append(timed_s(stepper, device))
+            ds_s.append(ds_step.seconds)
+            adam_s.append(adam_step.seconds)
+        rows.append({"config": name, "impl": impl, "step_s": statistics.median(steps),
+                     "ds_step_s": statistics.median(ds_s), "adam_step_s": statistics.median(adam_s),
+                     "params": sum(p.numel() for p in engine.module.parameters())})
+    return rows
+
+
+def run_optimizer(args, names: list[str]) -> list[dict]:
+    import torch.distributed as dist
+
+    from moe_train.parallel.groups import build_groups
+    from moe_train.parallel.init import init_distributed
+    from moe_train.parallel.topology import Topology
+
+    env, device = init_distributed(args.device, "auto", 600, always_group=True)
+    try:
+        rows = []
+        for name in names:
+            groups = build_groups(Topology(1, 1, bench_config(name).moe.num_experts), 0)
+            rows += time_optimizer(name, args, device, groups)
+        return rows
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def print_optimizer(rows: list[dict], args) -> None:
+    print(f"\noptimizer share of the MoE step, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"medians over {args.reps} steps; DeepSpeed step = ZeRO bookkeeping + clipping + AdamW + copy back")
+    print(f"{'config':>7} {'impl':>8} | {'step ms':>8} | {'DS step ms':>10} {'share':>6} | "
+          f"{'AdamW ms':>8} {'share':>6} | {'AdamW vs loop':>13}")
+    loop = {r["config"]: r["adam_step_s"] for r in rows if r["impl"] == "loop"}
+    for r in rows:
+        print(f"{r['config']:>7} {r['impl']:>8} | {r['step_s'] * 1e3:8.2f} | {r['ds_step_s'] * 1e3:10.2f} "
+              f"{r['ds_step_s'] / r['step_s']:6.1%} | {r['adam_step_s'] * 1e3:8.2f} "
+              f"{r['adam_step_s'] / r['step_s']:6.1%} | {r['adam_step_s'] / loop[r['config']]:12.2f}x")
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -441,7 +534,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="train.dtype (DeepSpeed's bf16 config for bf16)")
     parser.add_argument("--capacity-factor", type=float, default=None,
                         help="MoE training capacity factor for the timing (default: dropless)")
-    parser.add_argument("--parts", default="timing,memory", help="comma-separated: timing, memory")
+    parser.add_argument("--parts", default="timing,memory",
+                        help="comma-separated: timing, memory, optimizer")
     parser.add_argument("--json", default=None, help="write the results to this path")
     args = parser.parse_args(argv)
     args.names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -450,8 +544,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error(f"--reps {args.reps} must be >= 1 and --warmup {args.warmup} >= 0")
     if not args.names or any(n not in CONFIGS for n in args.names):
         parser.error(f"--configs {args.configs}: names must be among {', '.join(CONFIGS)}")
-    if not args.parts or not args.parts <= {"timing", "memory"}:
-        parser.error(f"--parts {','.join(sorted(args.parts))}: must be timing and/or memory")
+    if not args.parts or not args.parts <= {"timing", "memory", "optimizer"}:
+        parser.error(f"--parts {','.join(sorted(args.parts))}: must be among timing, memory, optimizer")
     return args
 
 
@@ -472,8 +566,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "memory" in args.parts:
         mem = run_memory(args.names, args.dtype)
         print_memory(mem, args.dtype)
+    optim_rows = []
+    if "optimizer" in args.parts:
+        optim_rows = run_optimizer(args, args.names)
+        print_optimizer(optim_rows, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(json_report(rows, mem, args, args.names), indent=1))
+        report = json_report(rows, mem, args, args.names)
+        if optim_rows:
+            report["optimizer"] = optim_rows
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 
