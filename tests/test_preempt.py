@@ -133,10 +133,14 @@ def test_a_slow_save_outlives_the_step_budget_and_a_hang_is_still_caught_after_i
     elapsed = time.monotonic() - start
     procs[1].kill()
     procs[1].wait()
-    log0 = (tmp_path / "rank0.log").read_text()
+    log0, log1 = (tmp_path / "rank0.log").read_text(), (tmp_path / "rank1.log").read_text()
     assert code not in (0, 85, "hung"), log0[-3000:]
-    assert re.search(r"moe_train: HUNG at rank 0, step 13, in .* \(step phase\) for \d+ s \(the step budget 5 s",
-                     log0), log0[-3000:]
+    # Both watchdogs run out at about the same time (each polls once a second): either
+    # rank 0's reports the hang, or rank 1's does first and exits, and rank 0's collective
+    # then fails naming its step; both within the step budget, not the save's.
+    hung = r"moe_train: HUNG at rank {}, step 13, in .* \(step phase\) for \d+ s \(the step budget 5 s"
+    assert (re.search(hung.format(0), log0) or (re.search(hung.format(1), log1) and re.search(
+        r"moe_train: FAILED at rank 0, step 13, in ", log0))), log0[-3000:] + log1[-3000:]
     assert elapsed < 60
 
 
