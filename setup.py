@@ -20,6 +20,11 @@ setup(
         "torch>=2.13.0",
         "deepspeed>=0.19.8",
         "sentencepiece>=0.2.3",
+        # corpora as the ecosystem keeps them (parquet, .jsonl.zst) and existing
+        # tokenizer.json files (data_tools/make_shards.py)
+        "pyarrow>=26.0.1",
+        "zstandard>=0.25.0",
+        "tokenizers>=0.23.3",
         "webdataset>=1.0.2",
         "braceexpand>=0.1.7",
         "tensorboard>=2.21.0",

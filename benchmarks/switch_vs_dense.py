@@ -181,8 +181,9 @@ def time_steps(names: list[str], args: argparse.Namespace, manifest: Path, work:
 def read_run(tb_dir: Path) -> dict:
     """Validation curve, cumulative training seconds and MoE diagnostics from TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moe_train.train.metrics.writer import event_dir
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc = EventAccumulator(event_dir(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
 

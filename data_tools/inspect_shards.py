@@ -19,14 +19,14 @@ from tqdm import tqdm  # noqa: E402
 from moe_train.data.errors import ShardError  # noqa: E402
 from moe_train.data.loader import resolve_shards  # noqa: E402
 from moe_train.data.shards import iter_shard, load_manifest  # noqa: E402
-from moe_train.data.tokenizer import Tokenizer  # noqa: E402
+from moe_train.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="manifest.json path or URL")
     p.add_argument("--split", nargs="*", default=None, help="splits to inspect (default all)")
-    p.add_argument("--tokenizer", default="", help=".model file to decode a sample")
+    p.add_argument("--tokenizer", default="", help=".model or tokenizer.json to decode a sample")
     p.add_argument("--sample", type=int, default=0, help="index of the sample to decode")
     p.add_argument("--verify", action="store_true", help="check shard sha256 (local files)")
     args = p.parse_args(argv)
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     except (ShardError, ValueError, OSError) as exc:
         fail(str(exc))
     if first is not None and args.tokenizer:
-        tok = Tokenizer(args.tokenizer)
+        tok = load_tokenizer(args.tokenizer, manifest)
         if tok.sha256 != manifest["tokenizer"]["sha256"]:
             print("warning: this tokenizer is not the one the shards were made with")
         ids = [int(t) for t in first[1] if int(t) != manifest["pad_id"]]

@@ -57,8 +57,9 @@ def train(name: str, manifest: Path, runs: Path, steps: int, eval_every: int, ra
 
 def read_events(logdir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moe_train.train.metrics.writer import event_dir
 
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc = EventAccumulator(event_dir(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 

@@ -83,10 +83,12 @@ def final_val_loss(logdir: Path, steps: int) -> float | None:
     """``eval/loss`` at step ``steps`` in the run's events; None if the run is absent or
     did not get there."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moe_train.train.metrics.writer import event_dir
 
-    if not logdir.is_dir():
+    try:
+        acc = EventAccumulator(event_dir(logdir), size_guidance={"scalars": 0})
+    except (FileNotFoundError, ValueError):  # no folder, or no run in it
         return None
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     if "eval/loss" not in acc.Tags()["scalars"]:
         return None

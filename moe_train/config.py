@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +178,19 @@ class CheckpointConfig:
             fail("checkpoint.max_failed_saves", self.max_failed_saves, "must be >= 1")
 
 
+def default_run_name(stem: str = "run") -> str:
+    """``<stem>-<start time>``: the TensorBoard run folder of a run that names none."""
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @dataclass
 class LoggingConfig:
+    # TensorBoard: every run writes into <dir>/<run_name>, so `tensorboard --logdir <dir>`
+    # shows the runs side by side. run_name "" (the default): the config file's stem plus
+    # the start time (load_config fills it in). A resumed run continues the folder its
+    # checkpoint recorded, whatever this says.
     dir: str = "runs"
+    run_name: str = ""
     every_steps: int = 10
     tensorboard: bool = True
     # FLOP/s per rank that perf/mfu divides by; null: a datasheet value on known GPUs,
@@ -194,6 +205,8 @@ class LoggingConfig:
     def validate(self) -> None:
         if self.every_steps <= 0:
             fail("logging.every_steps", self.every_steps, "must be > 0")
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+            fail("logging.run_name", self.run_name, "must be a folder name (no path), or empty")
         if self.dead_expert_steps < 0:
             fail("logging.dead_expert_steps", self.dead_expert_steps, "must be >= 0 (0: no alarm)")
         if self.max_drop_frac is not None and not 0 <= self.max_drop_frac < 1:
@@ -345,10 +358,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ValueError(f"config file {path}: top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides)
     try:
-        return config_from_dict(raw)
+        cfg = config_from_dict(raw)
     except ValueError as err:
         where = f"config file {path}: " if path is not None else ""
         raise ValueError(f"{where}{err}") from None
+    if not cfg.logging.run_name:
+        cfg.logging.run_name = default_run_name(path.stem if path is not None else "run")
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -77,9 +77,10 @@ def test_demo_ends_with_heldout_loss_samples_and_tensorboard(deepspeed_run):
 
 def test_tensorboard_event_file_holds_the_documented_tags(deepspeed_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moe_train.train.metrics.writer import event_dir
 
     out_dir, _, losses = deepspeed_run
-    acc = EventAccumulator(str(out_dir / "ds" / "tb"), size_guidance={"scalars": 0, "histograms": 0,
+    acc = EventAccumulator(event_dir(out_dir / "ds" / "tb"), size_guidance={"scalars": 0, "histograms": 0,
                                                                        "tensors": 0})
     acc.Reload()
     tags = acc.Tags()

@@ -62,8 +62,9 @@ def launch(run_dir: Path, shards: Path, *, steps: int, resume: str = "auto", ext
 
 def scalars(logdir: Path, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moe_train.train.metrics.writer import event_dir
 
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc = EventAccumulator(event_dir(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
 

@@ -45,6 +45,7 @@ class TrainState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     loader_states: list = field(default_factory=list)  # one per rank, rank order
+    run_name: str = ""  # the TensorBoard run folder (logging.dir/run_name) a resume continues
 
 
 def step_dir_name(step: int) -> str:

@@ -7,12 +7,11 @@ import argparse
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Samples text from a checkpoint in this process (``moe_train.inference``)."""
-    from moe_train.data.tokenizer import Tokenizer
-    from moe_train.inference.generate import generate_text, unescape
-    from moe_train.inference.load import load_for_inference, tokenizer_path
+    from moe_train.inference.generate import generate_text, load_run_tokenizer, unescape
+    from moe_train.inference.load import load_for_inference
 
     loaded = load_for_inference(args.checkpoint, dropless=args.dropless)
-    tok = Tokenizer(tokenizer_path(loaded.cfg, args.tokenizer))
+    tok = load_run_tokenizer(loaded.cfg, args.tokenizer)
     capacity = "dropless" if loaded.cfg.moe.eval_capacity_factor is None else \
         f"eval capacity factor {loaded.cfg.moe.eval_capacity_factor}"
     print(f"# {loaded.path} (step {loaded.meta['step']}, trained at ep "
@@ -39,6 +38,6 @@ def register(subparsers) -> None:
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument("--dropless", action="store_true",
                      help="route every token (default: the config's moe.eval_capacity_factor)")
-    gen.add_argument("--tokenizer", default="", help="sentencepiece .model (default: the one in the "
-                                                     "training manifest)")
+    gen.add_argument("--tokenizer", default="", help="sentencepiece .model or tokenizer.json (default: "
+                                                     "the one in the training manifest)")
     gen.set_defaults(func=cmd_generate)

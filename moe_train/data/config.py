@@ -41,7 +41,7 @@ class DataConfig:
         allow_pipe: allow "pipe:" shard URLs, which run a shell command.
         read_timeout_s: socket timeout for http(s) reads.
         worker_timeout_s: seconds to wait for a worker batch before failing; 0 = none.
-        tokenizer_model: sentencepiece .model file (for decoding/inspection).
+        tokenizer_model: sentencepiece .model or tokenizer.json (for decoding/inspection).
     """
 
     manifest: str = ""

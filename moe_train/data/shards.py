@@ -13,8 +13,9 @@ by BOS) that overlap by one token: sample i = stream[i*seq_len : i*seq_len + seq
 so input_ids = sample[:-1], labels = sample[1:], and every token is a label exactly once.
 The last sample of a split is padded with pad_id; the loader masks pad labels.
 
-manifest.json: format version, seq_len, dtype, vocab/special ids, tokenizer sha256,
-the command that made it, and per split its shards (name relative to the manifest,
+manifest.json: format version, seq_len, dtype, vocab/special ids, the tokenizer (file,
+kind: sentencepiece or tokenizers, sha256, vocab size, BOS/EOS/PAD ids), the command that
+made it, and per split its shards (name relative to the manifest,
 samples, tokens, sha256). The loader takes per-shard sample counts from it, so every
 rank computes the same number of steps without a collective.
 """

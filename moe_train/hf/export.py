@@ -33,9 +33,10 @@ import torch
 from moe_train.checkpoint.state import CheckpointError, list_checkpoints, read_meta
 from moe_train.checkpoint.verify import verify_checkpoint
 from moe_train.config import Config, config_from_dict
+from moe_train.data.tokenizer import tokenizer_kind
 from moe_train.hf.mapping import NAMES, ExportPlan, hf_config, plan_export
 from moe_train.hf.weights import model_mismatch, to_hf
-from moe_train.inference.generate import sample_tokens
+from moe_train.inference.generate import load_run_tokenizer, sample_tokens
 from moe_train.inference.load import load_for_inference, tokenizer_path
 from moe_train.model.transformer import MoETransformer
 
@@ -61,8 +62,9 @@ class ExportReport:
         out += [f"note: {n}" for n in self.plan.notes]
         out += [f"WARNING: inexact (--allow-inexact): {d}" for d in self.plan.inexact]
         if self.tokenizer_files:
+            lib = "tokenizers library's" if self.tokenizer_source.endswith(".json") else "SentencePiece"
             out.append(f"tokenizer: {', '.join(self.tokenizer_files)} from {self.tokenizer_source} "
-                       f"(checked: encodes the probe texts to the SentencePiece ids)")
+                       f"(checked: encodes the probe texts to the {lib} ids)")
         else:
             out.append("tokenizer: none written (--no-tokenizer)")
         if self.check:
@@ -153,20 +155,20 @@ def _stored_dtype(sd: dict) -> str:
 
 
 def _tokenizer_source(cfg: Config, path: Path, tokenizer: Optional[str]) -> tuple[str, bool]:
-    """(SentencePiece .model path, add_bos): --tokenizer, else the one the training data
-    manifest names, else a ``tokenizer.model`` beside the checkpoint (``moe-train import``
-    copies one there)."""
+    """(SentencePiece .model or tokenizer.json path, add_bos): --tokenizer, else the one
+    the training data manifest names, else a ``tokenizer.model`` / ``tokenizer.json``
+    beside the checkpoint (``moe-train import`` copies one there)."""
 
     add_bos = False
     manifest = cfg.data.manifest
     if manifest and Path(manifest).is_file():
         add_bos = bool(json.loads(Path(manifest).read_text()).get("add_bos", False))
-    beside = path.parent / "tokenizer.model"
+    beside = [p for p in (path.parent / "tokenizer.model", path.parent / "tokenizer.json") if p.is_file()]
     try:
         return tokenizer_path(cfg, tokenizer or ""), add_bos
     except ValueError as err:
-        if beside.is_file() and not tokenizer:
-            return str(beside), add_bos
+        if beside and not tokenizer:
+            return str(beside[0]), add_bos
         raise ValueError(f"{err}; or pass --no-tokenizer to export the model without one") from None
 
 
@@ -197,7 +199,13 @@ def export_hf(checkpoint: str | Path, out: str | Path, arch: str = "auto", allow
     tmp.mkdir(parents=True)
     try:
         tokenizer_files, special = [], {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-        if with_tokenizer:
+        if with_tokenizer and tokenizer_kind(source) == "tokenizers":  # copied as it is
+            from moe_train.hf.tokenizer import write_tokenizer_json
+
+            tok = load_run_tokenizer(cfg, source)
+            special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+            tokenizer_files = write_tokenizer_json(tok, tmp, add_bos, cfg.model.max_seq_len)
+        elif with_tokenizer:
             from moe_train.hf.tokenizer import special_ids, write_tokenizer
 
             import sentencepiece as spm
@@ -206,7 +214,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, arch: str = "auto", allow
         tensors = to_hf(sd, cfg.model, cfg.moe, plan, DTYPES[dtype])
         save_file(tensors, str(tmp / "model.safetensors"),
                   metadata={"format": "pt", "moe_train_checkpoint": str(path), "moe_train_step": str(meta["step"])})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg.model, cfg.moe, plan, dtype, special), indent=2) + "\n")
+        config = hf_config(cfg.model, cfg.moe, plan, dtype, special)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {k: v for k, v in special.items() if v is not None}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if out.exists():
@@ -228,7 +237,6 @@ def check_export(checkpoint: Path, out: Path, seq_len: int = 32, batch: int = 2,
     random batch and ``new_tokens`` greedy tokens (ours recomputes the context, theirs
     uses its KV cache)."""
     from transformers import AutoModelForCausalLM
-
 
     ours = load_for_inference(checkpoint).model.float()
     theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

@@ -15,6 +15,11 @@ SentencePiece model as ``tokenizer.model``. ``tokenizer(text)`` adds BOS iff the
 said ``add_bos`` (so a document starts as in training); with ``add_special_tokens=False``
 the ids are exactly ``Tokenizer.encode(text)``.
 
+A ``tokenizer.json`` of the ``tokenizers`` library (shards made with one) is copied as it
+is (``write_tokenizer_json``), with a ``tokenizer_config.json`` naming its BOS/EOS/PAD
+tokens (the ids the data manifest recorded); ``check_tokenizer_json`` then compares
+``AutoTokenizer`` with the ``tokenizers`` library on the probe texts.
+
 ``write_tokenizer`` checks the written files (through ``AutoTokenizer``) against SentencePiece on probe
 texts (spaces, tabs, newlines, digits, accents, CJK, emoji, control characters, and the
 model's own pieces); a difference is an error naming the text.
@@ -128,3 +133,39 @@ def check_tokenizer(directory: Path, sp, add_bos: bool) -> None:
         if hf.decode(ours) != sp.decode(ours):
             raise ValueError(f"the exported tokenizer decodes {ours} as {hf.decode(ours)!r}, SentencePiece as "
                              f"{sp.decode(ours)!r}")
+
+
+def write_tokenizer_json(tok, out: Path, add_bos: bool, max_len: int) -> list[str]:
+    """Copies ``tok``'s ``tokenizer.json`` (a ``moe_train.data.tokenizer.Tokenizer`` of
+    kind "tokenizers") into ``out`` as it is, with a ``tokenizer_config.json`` naming its
+    special tokens; returns the names written. Raises ValueError when ``AutoTokenizer``
+    reading them encodes or decodes a probe text differently."""
+    shutil.copyfile(tok.path, out / "tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "clean_up_tokenization_spaces": False, "add_bos_token": add_bos, "add_eos_token": False}
+    for name in ("bos", "eos", "pad"):
+        i = getattr(tok, f"{name}_id")
+        if i is not None:
+            config[f"{name}_token"] = tok.hf.id_to_token(i)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    check_tokenizer_json(out, tok)
+    return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def check_tokenizer_json(directory: Path, tok) -> None:
+    """``AutoTokenizer.from_pretrained(directory)`` encodes every probe text (and text
+    made of the vocabulary's own tokens) to ``tok``'s ids and decodes them back alike."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(directory))
+    vocab = sorted(tok.hf.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = [tok.decode([i]) for _, i in vocab[::7][:200]]
+    for text in list(PROBES) + ["".join(pieces[j:j + 5]) for j in range(0, len(pieces), 5)]:
+        ours = tok.encode(text)
+        theirs = hf(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if theirs != ours:
+            raise ValueError(f"the exported tokenizer encodes {text!r} as {theirs}, the tokenizers library as "
+                             f"{ours}; the tokenizer cannot be exported exactly")
+        if hf.decode(ours) != tok.decode(ours):
+            raise ValueError(f"the exported tokenizer decodes {ours} as {hf.decode(ours)!r}, the tokenizers "
+                             f"library as {tok.decode(ours)!r}")

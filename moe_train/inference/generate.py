@@ -12,8 +12,9 @@ this is for.
 Decoding: greedy (``temperature=0`` or ``--greedy``) or temperature plus nucleus (top-p)
 sampling, seeded. The context starts with EOS (BOS too when the shards had it), since
 every training document followed one; a generated EOS ends a document and is shown as a
-blank line. The tokenizer is the one named in the training manifest (``--tokenizer``
-overrides it).
+blank line. The tokenizer is the one named in the training manifest, a SentencePiece
+``.model`` or a ``tokenizer.json``, with the special ids the manifest recorded
+(``--tokenizer`` overrides the file; ``load_run_tokenizer``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ from typing import Optional
 
 import torch
 
-from moe_train.inference.load import LoadedModel
+from moe_train.config import Config
+from moe_train.data.tokenizer import Tokenizer, load_tokenizer
+from moe_train.inference.load import LoadedModel, tokenizer_path
+
+
+def load_run_tokenizer(cfg: Config, override: str = "") -> Tokenizer:
+    """The tokenizer of a checkpoint's training data (``override``: another file), with
+    the BOS/EOS/PAD ids its shard manifest recorded for that file."""
+    manifest = cfg.data.manifest
+    recorded = json.loads(Path(manifest).read_text()) if manifest and Path(manifest).is_file() else None
+    return load_tokenizer(tokenizer_path(cfg, override), recorded)
 
 
 def unescape(prompt: str) -> str:

@@ -9,9 +9,8 @@ import math
 import shlex
 from typing import Optional
 
-from moe_train.data.tokenizer import Tokenizer
-from moe_train.inference.generate import generate_text, unescape
-from moe_train.inference.load import heldout_loss, load_for_inference, tokenizer_path
+from moe_train.inference.generate import generate_text, load_run_tokenizer, unescape
+from moe_train.inference.load import heldout_loss, load_for_inference
 
 
 def report(checkpoint: str, logdir: Optional[str], prompts: list[str], max_new_tokens: int = 80,
@@ -25,7 +24,7 @@ def report(checkpoint: str, logdir: Optional[str], prompts: list[str], max_new_t
           f"{loaded.meta['tokens_seen']:,} training tokens)")
     print(f"held-out validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.1f} "
           f"({tokens:,} tokens of {loaded.cfg.data.manifest}, split {loaded.cfg.data.val_split!r})")
-    tok = Tokenizer(tokenizer_path(loaded.cfg))
+    tok = load_run_tokenizer(loaded.cfg)
     for i, prompt in enumerate(prompts or [""]):
         text = generate_text(loaded, tok, unescape(prompt), max_new_tokens, seed=seed + i)[0]
         command = ["python", "-m", "moe_train", "generate", "--checkpoint", checkpoint, "--seed", str(seed + i)]

@@ -33,7 +33,8 @@ from moe_train.checkpoint.optimizer_state import load_optimizer_state
 import moe_train.checkpoint.resume as resume_choice
 from moe_train.checkpoint.rng import reseed, set_rng_state
 from moe_train.checkpoint.state import LATEST, CheckpointError, TrainState, agree, read_meta
-from moe_train.config import Config, check_vocab_fits, config_to_dict, dump_config, validate
+from moe_train.config import (Config, check_vocab_fits, config_to_dict, default_run_name, dump_config,
+                              validate)
 from moe_train.data import build_train_loader, build_val_loader
 from moe_train.model.build import build_model
 from moe_train.model.sizing import flops_per_token, human_count, param_counts
@@ -120,7 +121,7 @@ class _Run:
         self.cfg, self.env, self.device, self.groups, self.plan = cfg, env, device, groups, plan
         self.faults = faults
         self.rank = env.rank
-        self.writer = MetricsWriter(cfg.logging.dir if cfg.logging.tensorboard else None, env.rank == 0)
+        self.writer = MetricsWriter(None, False)  # opened in _setup, once the run folder is known
         self.timer = StepTimer()
         self.layer_ids = [i for i in range(cfg.model.num_layers) if cfg.model.is_moe_block(i)]
         self.flops_per_token = flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len)
@@ -201,6 +202,7 @@ def _restore(run: _Run, source: resume_choice.ResumeSource, engine: Engine, load
     path, meta = source.path, read_meta(source.path)
     saved = meta["train_state"]
     state.step, state.tokens_seen, state.skipped_steps = saved["step"], saved["tokens_seen"], saved["skipped_steps"]
+    state.run_name = saved.get("run_name", "")  # its TensorBoard folder, continued
     topo, cfg = run.groups.topology, run.cfg
     here = f"world {topo.world_size}, ep {topo.ep_size}, ZeRO {cfg.parallel.zero_stage}, {cfg.train.dtype}"
     if source.kind == "engine":
@@ -391,6 +393,9 @@ def _setup(run: _Run, resume: str, loaders):
     if source is not None:
         _restore(run, source, engine, loader, state, loaded, rank_state)
     run.print(startup_report(cfg, env, groups.topology, engine, device, source and source.path))
+    state.run_name = _broadcast_choice(state.run_name or cfg.logging.run_name or default_run_name(), env)
+    run.writer = MetricsWriter(cfg.logging.dir if cfg.logging.tensorboard else None, env.rank == 0, state.run_name)
+    run.print(f"# TensorBoard: tensorboard --logdir {cfg.logging.dir} (this run: {state.run_name})")
     run.peak_flops = cfg.logging.peak_flops or measure_peak_flops(device, DTYPES[cfg.train.dtype], seconds=0.5)
     run.writer.text("config", "```\n" + dump_config(cfg) + "\n```", state.step)
     return engine, loader, val_loader, state
@@ -461,7 +466,7 @@ def _train(run: _Run, resume: str, stop: StopRequest, loaders, keep_state: bool)
     result.checkpoint = str(last_saved) if last_saved else None
     run.print(f"done: step {state.step}/{cfg.train.max_steps}, {state.tokens_seen:,} tokens, "
               f"{state.skipped_steps} skipped steps; last checkpoint {result.checkpoint}; "
-              f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
+              f"TensorBoard: tensorboard --logdir {cfg.logging.dir} (this run: {state.run_name})")
     if cfg.train.deterministic:
         run.print(run.determinism.report())
     if keep_state:

@@ -1,28 +1,57 @@
 """The TensorBoard writer: one per run, on the logging rank only (one event file, not one
-per rank). Every rank calls it; elsewhere it does nothing."""
+per rank). Every rank calls it; elsewhere it does nothing.
+
+A run writes into ``<logging.dir>/<run name>``: TensorBoard, pointed at ``logging.dir``,
+names each run after its folder and draws them side by side (``tensorboard --logdir
+<logging.dir>``); a resumed run reopens its folder, so its curves join up."""
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
 import torch
 
 
+def event_dir(log_dir) -> str:
+    """The folder holding one run's event files under ``log_dir`` (a ``logging.dir``):
+    ``log_dir`` itself when it holds event files, else its one run folder that does.
+    For readers of a single run (tests, experiments) that do not know the run's name.
+
+    Raises:
+        ValueError: no run, or several (name them: pass ``log_dir/<run name>``).
+    """
+    def has_events(path: str) -> bool:
+        return os.path.isdir(path) and any(n.startswith("events.out.tfevents") for n in os.listdir(path))
+
+    log_dir = str(log_dir)
+    if has_events(log_dir):
+        return log_dir
+    runs = sorted(n for n in os.listdir(log_dir) if has_events(os.path.join(log_dir, n))) \
+        if os.path.isdir(log_dir) else []
+    if len(runs) != 1:
+        raise ValueError(f"{log_dir}: {'no TensorBoard run' if not runs else f'{len(runs)} runs ({runs})'} "
+                         f"found; pass the run's folder, {log_dir}/<run name>")
+    return os.path.join(log_dir, runs[0])
+
+
 class MetricsWriter:
     """TensorBoard writer that exists on the logging rank only.
 
-    ``MetricsWriter(log_dir, enabled=(rank == 0))``: the ``SummaryWriter`` (and its
-    event file) is created only when ``enabled`` and ``log_dir`` is set; otherwise
-    every method is a no-op, so the loop calls them unconditionally on every rank.
+    ``MetricsWriter(log_dir, enabled=(rank == 0), run_name=...)``: the ``SummaryWriter``
+    (and its event file, in ``log_dir/run_name``) is created only when ``enabled`` and
+    ``log_dir`` is set; otherwise every method is a no-op, so the loop calls them
+    unconditionally on every rank.
     """
 
-    def __init__(self, log_dir: Optional[str], enabled: bool):
+    def __init__(self, log_dir: Optional[str], enabled: bool, run_name: str = ""):
         self._writer = None
+        self.run_dir = os.path.join(log_dir, run_name) if log_dir and run_name else log_dir
         if enabled and log_dir:
             from torch.utils.tensorboard import SummaryWriter  # import only where used
 
-            self._writer = SummaryWriter(log_dir=log_dir)
+            self._writer = SummaryWriter(log_dir=self.run_dir)
 
     @property
     def active(self) -> bool:
