@@ -10,8 +10,9 @@
 #
 # Demo flags (anything else goes to the trainer, e.g. `--resume none`, `--set a.b=c`):
 #   --steps N          shorthand for --set train.max_steps=N (default 600: a few minutes)
-#   --corpus NAME      shakespeare (default) or synthetic (offline; also the fallback when
-#                      the Shakespeare download fails, said so)
+#   --corpus NAME      shakespeare (default), python-stdlib (offline, real text: this Python's
+#                      standard library source; also the fallback when the Shakespeare
+#                      download fails, said so) or synthetic (offline, Markov-chain text)
 #   --text PATH        your own .txt / .jsonl files, globs or folders (repeatable)
 # Environment: DEMO_OUT (default demo_out), NPROC (ranks, default 2), DEMO_CORPUS (as
 #   --corpus), LAUNCHER: deepspeed (default), torchrun, or mpirun.
@@ -38,8 +39,8 @@ while [ $# -gt 0 ]; do
 done
 if [ ${#texts[@]} -gt 0 ]; then
   corpus="custom-$(printf '%s\n' "${texts[@]}" | sha1sum | cut -c1-8)"  # one folder per input set
-elif [ "$corpus" != shakespeare ] && [ "$corpus" != synthetic ]; then
-  echo "demo: --corpus $corpus: must be shakespeare or synthetic (or give --text FILES)" >&2
+elif [ "$corpus" != shakespeare ] && [ "$corpus" != python-stdlib ] && [ "$corpus" != synthetic ]; then
+  echo "demo: --corpus $corpus: must be shakespeare, python-stdlib or synthetic (or give --text FILES)" >&2
   exit 2
 fi
 
@@ -47,16 +48,18 @@ data="$out/$corpus"
 if [ "$corpus" = shakespeare ] && [ ! -f "$data/corpus/source.json" ]; then
   if ! run python data_tools/prepare_corpus.py shakespeare --out "$data/corpus"; then
     echo "demo: WARNING: could not fetch the Shakespeare corpus (see above); training on the" \
-         "SYNTHETIC corpus instead (offline fallback; --corpus synthetic chooses it directly)" >&2
-    corpus=synthetic
-    data="$out/synthetic"
+         "PYTHON-STDLIB corpus instead (offline fallback: this Python's standard library source;" \
+         "--corpus python-stdlib chooses it directly)" >&2
+    corpus=python-stdlib
+    data="$out/python-stdlib"
   fi
 fi
-if [ "$corpus" = synthetic ] && [ ! -f "$data/corpus/source.json" ]; then
-  run python data_tools/prepare_corpus.py synthetic --out "$data/corpus"
+if { [ "$corpus" = synthetic ] || [ "$corpus" = python-stdlib ]; } && [ ! -f "$data/corpus/source.json" ]; then
+  run python data_tools/prepare_corpus.py "$corpus" --out "$data/corpus"
 fi
 case "$corpus" in
   shakespeare) inputs=("$data/corpus/*.txt"); prompts=(--prompt 'ROMEO.\n' --prompt 'KING.\n' --prompt "") ;;
+  python-stdlib) inputs=("$data/corpus/corpus.jsonl"); prompts=(--prompt 'def ' --prompt 'class ' --prompt "") ;;
   synthetic) inputs=("$data/corpus/corpus.jsonl"); prompts=(--prompt "The expert" --prompt "") ;;
   *) inputs=("${texts[@]}"); prompts=(--prompt "" --prompt "") ;;
 esac

