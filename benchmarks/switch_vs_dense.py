@@ -266,7 +266,7 @@ def write_table(result: dict, path: Path) -> None:
             ["steps to dense final", "speed-up (steps)", "train s to dense final", "speed-up (wall)",
              "s/step (run)", "s/step (interleaved)", "speed-up (wall, interleaved)"])
     lines = ["# Switch vs dense at equal FLOPs per token", "", f"Made by: `{result['command']}`", "",
-             f"Machine: {result['machine']}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+             f"Corpus: {_corpus_of(result)}. Machine: {result['machine']}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     if result.get("note"):
         lines[4:4] = [f"Note: {result['note']}", ""]
     for name, run in runs.items():
@@ -342,11 +342,33 @@ def write_plot(result: dict, path: Path) -> None:
         low = min(min(r["val_loss"]) for r in result["runs"].values())
         ax.set_ylim(low - 0.05, low + 1.2)
     fig.suptitle("Switch (top-1, cf 1.25, MoE every other block) vs dense, equal FLOPs per token, "
-                 "Shakespeare, CPU")
+                 f"{_corpus_of(result)}, CPU")
     fig.text(0.5, 0.005, f"made by: {result['command']}", ha="center", fontsize=7, family="monospace")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def corpus_name(manifest: Path) -> str:
+    """What the data is, from the corpus folder's source.json beside the shards folder
+    (``<data>/corpus/source.json``, as the data tools write it), else the data folder's name."""
+    source = manifest.parent.parent / "corpus" / "source.json"
+    if source.is_file():
+        info = json.loads(source.read_text())
+        extra = f" (Python {info['python']})" if info.get("python") else ""
+        return f"{info.get('source', manifest.parent.parent.name)}{extra}, {info.get('bytes', 0) / 1e6:.1f} MB"
+    return manifest.parent.parent.name
+
+
+def _corpus_of(result: dict) -> str:
+    """The corpus a result was trained on: recorded, else read from its runs' manifest."""
+    if result.get("corpus"):
+        return result["corpus"]
+    for run in result["runs"].values():
+        for o in run.get("overrides", []):
+            if o.startswith("data.manifest="):
+                return corpus_name(Path(o.split("=", 1)[1]))
+    return "unknown corpus"
 
 
 def model_sizes(overrides: list[str]) -> dict:
@@ -457,6 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         step_times = time_steps(names, args, manifest, work) if args.time_reps else None
         result = {"runs": runs, "summary": summarize(runs, step_times), "step_times": step_times,
                   "command": command.strip(), "base_config": str(BASE_YAML.relative_to(REPO)),
+                  "corpus": corpus_name(manifest),
                   "git_commit": git_commit(),
                   "machine": machine_line(args, sampler.samples), "load_average_samples": sampler.samples}
         out.mkdir(parents=True, exist_ok=True)

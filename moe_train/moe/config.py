@@ -57,6 +57,9 @@ class MoEConfig:
     # per_assignment: one row per kept assignment in the all-to-all; once_per_rank: one
     # row per (token, destination rank), expanded there (k > 1 with ep > 1 only).
     dispatch: str = "per_assignment"
+    # The router's weights stay at their initialisation (a control: how much does learned
+    # routing add? benchmarks/moe_payoff.py); gradients still flow through the gates to x.
+    freeze_router: bool = False
 
     def validate(self) -> None:
         if self.num_experts < 1:

@@ -183,6 +183,7 @@ class Router(nn.Module):
             self.expert_bias = None
         if not self.w_DE.is_meta:  # on the meta device the model initialises it later
             self.reset_parameters()
+        self.w_DE.requires_grad_(not cfg.freeze_router)  # not in the optimizer when frozen
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
