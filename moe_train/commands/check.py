@@ -1,8 +1,11 @@
 """``moe-train check``: validate a config for a world size and print the resolved config,
-the batch arithmetic, capacities, causality, data, model size, memory per rank, process
-groups and the derived DeepSpeed config, without starting any process group, so a user
-can see what a launch will do before spending a queue slot on it. The output does not
-grow with the world size (per-rank group lines only up to 16 ranks or with ``--verbose``)."""
+the batch arithmetic, capacities, causality, data, model size, memory per rank (each
+part and the peak of each phase, ``sizing.memory_plan``), process groups and the derived
+DeepSpeed config, without starting any process group, so a user can see what a launch
+will do before spending a queue slot on it. The output does not grow with the world size
+(per-rank group lines only up to 16 ranks or with ``--verbose``). ``--measure`` also
+trains the config for a few steps on this machine and prints the estimate against the
+measured peak (``train/memory_probe.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ from moe_train.commands import add_config_args
 
 def cmd_check(args: argparse.Namespace) -> int:
     from moe_train.config import deepspeed_config, dump_config, load_config, validate
+    from moe_train.model.sizing import with_bucket_default
     from moe_train.moe.router import expert_capacity
     from moe_train.parallel.topology import Topology
 
+    if args.measure and args.measure_steps < 2:
+        raise ValueError(f"--measure-steps {args.measure_steps}: must be >= 2 (Adam's state exists from the "
+                         "first step on)")
     cfg = load_config(args.config, args.overrides)
     plan = validate(cfg, args.world_size)
     topo = Topology(args.world_size, cfg.parallel.expert_parallel_size, cfg.moe.num_experts)
@@ -41,10 +48,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("\n".join(size_lines))
     print(f"\n# memory per rank (estimate; world size {args.world_size})")
     print("\n".join(memory_lines))
+    if args.measure:
+        print(f"\n# memory per rank, measured (world size {args.world_size})")
+        print("\n".join(_measure_lines(cfg, args)))
     print("\n# process groups")
     print("\n".join(topo.describe(verbose=args.verbose)))
     print("\n# deepspeed config (derived)")
-    print(deepspeed_config(cfg, args.world_size))
+    print(with_bucket_default(deepspeed_config(cfg, args.world_size), cfg.model, cfg.moe,
+                              cfg.parallel.expert_parallel_size))
     return 0
 
 
@@ -106,21 +117,57 @@ def _index_list(ids: list[int]) -> str:
 
 
 def _memory_lines(cfg, world_size: int) -> list[str]:
-    from moe_train.model.sizing import gib, memory_estimate
+    """The memory plan (``sizing.memory_plan``): each part, the peak of each phase, the
+    total (the largest phase) and where the reduce bucket's size comes from."""
+    from moe_train.model.sizing import DEEPSPEED_REDUCE_BUCKET, PLAN_PHASES, gib, plan_from_config
 
-    ckpt = getattr(cfg.train, "activation_checkpointing", False)
-    mem = memory_estimate(cfg.model, cfg.moe, world_size=world_size,
-                          ep_size=cfg.parallel.expert_parallel_size, zero_stage=cfg.parallel.zero_stage,
-                          dtype=cfg.train.dtype, micro_batch_size=cfg.data.micro_batch_size,
-                          seq_len=cfg.data.seq_len, activation_checkpointing=ckpt)
-    return [f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}, Adam, activation checkpointing "
-            f"{'on' if ckpt else 'off'}",
-            f"parameters: {gib(mem.params)}",
-            f"gradients: {gib(mem.grads)}",
-            f"optimizer state: {gib(mem.optimizer)}",
-            f"activations per micro-batch ({cfg.data.micro_batch_size} x {cfg.data.seq_len} "
-            f"tokens): {gib(mem.activations)}",
-            f"total: {gib(mem.total)} (no allocator overhead, buffers or communication buffers)"]
+    plan = plan_from_config(cfg, world_size)
+    ckpt = cfg.train.activation_checkpointing
+    lines = [f"ZeRO-{cfg.parallel.zero_stage}, {cfg.train.dtype}, Adam, activation checkpointing "
+             f"{'on' if ckpt else 'off'}; bytes the allocator hands out (formulas: moe_train/model/sizing.py)"]
+    for name, value in plan.parts.items():
+        lines.append(f"{name}: {gib(value)}")
+    lines.append("peak by phase: " + ", ".join(f"{p} {gib(plan.phases[p])}" for p in PLAN_PHASES))
+    if plan.worst_case_extra:
+        lines.append(f"dropless worst case (every assignment of the EP group routed to this rank's experts): "
+                     f"+{gib(plan.worst_case_extra)}")
+    if plan.bucket_source == "derived" and plan.reduce_bucket == DEEPSPEED_REDUCE_BUCKET:
+        lines.append("reduce_bucket_size: DeepSpeed's 5e8 elements (this rank reduces more gradient elements "
+                     "than that, so the bucket fills and reduces several times)")
+    elif plan.bucket_source == "derived":
+        waste = (DEEPSPEED_REDUCE_BUCKET - plan.reduce_bucket) * plan.bucket_bytes_per_element
+        lines.append(f"reduce_bucket_size: {plan.reduce_bucket:,} elements, derived from the model size (the "
+                     f"gradient elements this rank reduces); DeepSpeed's default 5e8 would allocate "
+                     f"{gib(waste)} more and reduce the same gradients in the same one bucket "
+                     f"(set deepspeed.zero_optimization.reduce_bucket_size to override)")
+    elif plan.bucket_source == "deepspeed":
+        lines.append(f"reduce_bucket_size: {plan.reduce_bucket:,} elements, from deepspeed.zero_optimization."
+                     f"reduce_bucket_size")
+    lines.append(f"total: {gib(plan.peak)} (the peak, in {plan.peak_phase}; allocator padding, CUDA context "
+                 f"and NCCL buffers not included)")
+    return lines
+
+
+def _measure_lines(cfg, args) -> list[str]:
+    """``--measure``: the same config trained for ``--measure-steps`` steps on
+    ``--world-size`` gloo ranks of this machine, the allocator's peak by phase
+    (``train/memory_probe.py``) against the plan."""
+    from moe_train.model.sizing import PLAN_PHASES, gib, plan_from_config
+    from moe_train.train.memory_probe import measure
+
+    plan = plan_from_config(cfg, args.world_size)
+    ranks = measure(args.config, args.overrides, args.world_size, steps=args.measure_steps)
+    top = max(ranks, key=lambda r: r["peak"])
+    lines = [f"{args.world_size} gloo rank(s) on this machine's CPU, {args.measure_steps} steps on random tokens; "
+             f"the allocator's peak (PyTorch profiler memory events), the larger rank "
+             f"(per rank: {', '.join(gib(r['peak']) for r in ranks)})",
+             f"{'phase':>9} {'estimate':>12} {'measured':>12} {'ratio':>6}"]
+    for p in PLAN_PHASES:
+        got = top["phases"].get(p, {}).get("peak", 0)
+        ratio = f"{plan.phases[p] / got:6.2f}" if got else "     -"
+        lines.append(f"{p:>9} {gib(plan.phases[p]):>12} {gib(got):>12} {ratio}")
+    lines.append(f"{'peak':>9} {gib(plan.peak):>12} {gib(top['peak']):>12} {plan.peak / top['peak']:6.2f}")
+    return lines
 
 
 def _check_data(cfg, world_size: int, tokens_per_step: int) -> list[str]:
@@ -145,4 +192,8 @@ def register(subparsers) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="one process-group line per rank whatever the world size (by default only "
                         "up to 16 ranks; above that the groups are printed by their pattern)")
+    p.add_argument("--measure", action="store_true",
+                   help="also train the config for a few steps on --world-size gloo ranks of this machine "
+                        "(CPU) and print the estimate against the allocator's measured peak, by phase")
+    p.add_argument("--measure-steps", type=int, default=3, help="steps --measure trains (>= 2; default 3)")
     p.set_defaults(func=cmd_check)

@@ -1,6 +1,7 @@
-"""Model sizing from the config alone: parameter counts, training FLOPs per token, and a
-per-rank memory estimate. Pure arithmetic (no torch), so ``moe-train check`` can print it
-for any world size before a launch.
+"""Model sizing from the config alone: parameter counts, training FLOPs per token, and
+per-rank memory (``memory_plan``: each part and the peak of each phase, with the ZeRO
+reduce bucket moe_train derives). Pure arithmetic (no torch), so ``moe-train check`` can
+print it for any world size before a launch.
 
 Legend: V vocabulary, D d_model, L layers, H query heads, G key/value heads, K head dim
 (D / H), Fd dense MLP width, E experts, k top_k, F expert width, S sequence length,
@@ -252,12 +253,19 @@ def _activation_bytes_per_token(cfg: ModelConfig, moe: MoEConfig, dtype_bytes: i
     moe_block = ((attn + 2 * D + moe.top_k * (2 * D + _mlp_mult(moe.activation) * moe.d_ff) + shared) * b
                  + 2 * 4 * moe.num_experts)
     blocks = [moe_block if cfg.is_moe_block(i) else dense for i in range(cfg.num_layers)]
-    head = 2 * D * b + cfg.vocab_size * (b + 4)
-    if factorised(cfg):  # the projections' inputs: Ee-wide table rows and head_proj output
-        head += 2 * embed_width(cfg) * b
+    head = _head_bytes_per_token(cfg, b)
     if checkpointing:
         return cfg.num_layers * D * b + max(blocks) + head
     return sum(blocks) + head
+
+
+def _head_bytes_per_token(cfg: ModelConfig, b: int) -> int:
+    """The head's saved bytes per token: 2D elements, logits and fp32 log-softmax V (b + 4)
+    bytes, + 2Ee elements with factorised embeddings (the projections' inputs)."""
+    head = 2 * cfg.d_model * b + cfg.vocab_size * (b + 4)
+    if factorised(cfg):
+        head += 2 * embed_width(cfg) * b
+    return head
 
 
 def memory_estimate(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: int, ep_size: int,
@@ -324,3 +332,230 @@ def gib(num_bytes: float) -> str:
     """Bytes in GiB: 3 significant digits below 10 GiB ('0.00137 GiB'), one decimal above."""
     value = num_bytes / 2 ** 30
     return f"{value:.1f} GiB" if value >= 10 else f"{value:.3g} GiB"
+
+
+# ------------------------------------------------------------- the training memory plan
+
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+PLAN_PHASES = ("build", "engine", "forward", "backward", "step")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Peak training bytes per rank, by part and by phase (``memory_plan``).
+
+    Attributes:
+        parts: bytes of each part, in the order ``moe-train check`` prints them.
+        phases: the estimated peak of each phase of ``PLAN_PHASES``.
+        reduce_bucket: ZeRO's gradient reduce bucket in elements (0 at ZeRO 0).
+        bucket_source: "derived" (from the model size), "deepspeed" (set in the
+            ``deepspeed:`` passthrough) or "" (ZeRO 0, no bucket).
+        worst_case_extra: bytes a dropless MoE could add beyond ``phases`` when the
+            router sends every assignment of the EP group to one rank (0 with a capacity).
+        bucket_bytes_per_element: the bucket's element size (the training dtype's).
+    """
+
+    parts: dict
+    phases: dict
+    reduce_bucket: int
+    bucket_source: str
+    worst_case_extra: int = 0
+    bucket_bytes_per_element: int = 4
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def held_params(model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_size: int) -> int:
+    """The parameters one rank holds: every dense one and its experts (N_d + N_x / ep)."""
+    n = param_counts(model_cfg, moe_cfg)
+    return n.dense + n.expert // ep_size
+
+
+def reduce_bucket_default(model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_size: int) -> int:
+    """The ZeRO 1/2 reduce bucket moe_train gives DeepSpeed unless ``deepspeed:`` sets
+    ``zero_optimization.reduce_bucket_size``: the gradient elements a rank reduces in a
+    step (N_d + N_x / ep), capped at DeepSpeed's default of 5e8. DeepSpeed allocates the
+    whole bucket (``torch.empty(reduce_bucket_size)``) at every backward; a bucket larger
+    than every gradient a rank holds never fills, so anything above N_d + N_x / ep is memory
+    and nothing else, while exactly that size keeps DeepSpeed's one reduction at the end
+    of the backward (the same collectives, the same numbers)."""
+    return min(DEEPSPEED_REDUCE_BUCKET, held_params(model_cfg, moe_cfg, ep_size))
+
+
+def with_bucket_default(ds_config: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_size: int) -> dict:
+    """``ds_config`` with ``zero_optimization.reduce_bucket_size`` set to
+    ``reduce_bucket_default`` at ZeRO 1 and 2, unless already set (the passthrough wins)."""
+    zero = dict(ds_config.get("zero_optimization", {}))
+    if zero.get("stage", 0) < 1 or "reduce_bucket_size" in zero:
+        return ds_config
+    zero["reduce_bucket_size"] = reduce_bucket_default(model_cfg, moe_cfg, ep_size)
+    return {**ds_config, "zero_optimization": zero}
+
+
+def _expert_rows_per_token(moe_cfg: MoEConfig, tokens: int) -> float:
+    """Rows the experts of one rank compute per routed token: k (dropless, balanced),
+    or E * C / T with a capacity (C = ceil(k T cf / E), at least ``min_capacity``, at
+    most T: every slot is a row, empty ones zero)."""
+    if moe_cfg.capacity_factor is None or tokens == 0:
+        return float(moe_cfg.top_k)
+    capacity = math.ceil(moe_cfg.top_k * tokens * moe_cfg.capacity_factor / moe_cfg.num_experts)
+    capacity = min(max(capacity, moe_cfg.min_capacity), tokens)
+    return moe_cfg.num_experts * capacity / tokens
+
+
+def all_to_all_bytes(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, ep_size: int, dtype: str,
+                     tokens: int) -> int:
+    """Bytes of one micro-batch's token exchange buffers kept for backward, all MoE
+    blocks: at ep > 1 each block keeps the rows it received back from the experts' ranks
+    ([rows, D]) and their gathered copy for the combine ([rows, D]); rows = E * C with a
+    capacity, k * T dropless (balanced). 0 at ep 1 and without MoE blocks."""
+    if ep_size == 1 or model_cfg.num_moe_blocks == 0:
+        return 0
+    rows = _expert_rows_per_token(moe_cfg, tokens) * tokens
+    return int(model_cfg.num_moe_blocks * 2 * rows * model_cfg.d_model * DTYPE_BYTES[dtype])
+
+
+def plan_from_config(cfg, world_size: int) -> "MemoryPlan":
+    """``memory_plan`` of a root ``moe_train.config.Config`` (duck-typed: no import of it
+    here), reading the ZeRO keys its ``deepspeed:`` passthrough sets."""
+    return memory_plan(cfg.model, cfg.moe, world_size=world_size, ep_size=cfg.parallel.expert_parallel_size,
+                       zero_stage=cfg.parallel.zero_stage, dtype=cfg.train.dtype,
+                       micro_batch_size=cfg.data.micro_batch_size, seq_len=cfg.data.seq_len,
+                       activation_checkpointing=cfg.train.activation_checkpointing,
+                       zero_optimization=dict(cfg.deepspeed.get("zero_optimization", {})))
+
+
+def memory_plan(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, world_size: int, ep_size: int, zero_stage: int,
+                dtype: str, micro_batch_size: int, seq_len: int, activation_checkpointing: bool = False,
+                zero_optimization: dict | None = None) -> MemoryPlan:
+    """Peak training bytes per rank by part and by phase, for AdamW under DeepSpeed ZeRO
+    0/1/2: what the allocator hands out (``torch.cuda.max_memory_allocated``; on CPU the
+    profiler's count), measured against by ``benchmarks/memory.py``.
+
+    N = N_d + N_x / ep parameters held, Z = ceil(N_d / world) + ceil(N_x / ep / edp) their
+    ZeRO partition, b bytes per element of ``dtype``; parts (``memory_estimate`` for the
+    first four and the activations):
+      parameters     N b                 gradients   (ZeRO-2: Z, else N) b
+      optimizer      Adam m, v and the fp32 master (8N at ZeRO 0 fp32, else 12 Z or 12 N)
+      reduce bucket  ZeRO 1/2: ``reduce_bucket_size`` elements of b bytes (twice with
+                     ``overlap_comm``), allocated whole at every backward; by default
+                     ``reduce_bucket_default`` (N), DeepSpeed's own default is 5e8
+      all-to-all     ``all_to_all_bytes``: the MoE layers' exchanged rows kept for backward
+      activations    ``memory_estimate``'s, per micro-batch, + one D per expert row (the
+                     gathered outputs of the combine) and, at ep > 1 with a capacity, the
+                     E * C - k * T padding rows (``_expert_row_extra_bytes``)
+      model build    4 N + 4 V Ee: the model is built in fp32 on its device (from the meta
+                     device) before DeepSpeed casts it to bf16 and flattens it; drawing
+                     the token table takes one more table's worth for a moment
+    Phases (a part appears where it is live; O = optimizer, A = activations + all-to-all,
+    F = the largest parameter group's flat copy, max(N_d, N_x / ep) elements):
+      build     the model build part
+      engine    bf16 first casts: 4 N + N b. ZeRO 1/2: N b + max(F b, 8 Z): the flat
+                copy beside the parameters, or the fp32 master partition and the zero
+                gradient partitions DeepSpeed creates with it. ZeRO 0 bf16 (DeepSpeed's
+                FP16_Optimizer): N b + 20 N: fp32 master, its zero gradient, Adam m and
+                v made by a first step at init, foreach's temporary. ZeRO 0 fp32: build
+      forward   N b + O + A
+      backward  N b + O + the largest of: A + T V (4 + b) (at the start: the loss's
+                [T, V] fp32 gradient and the logits' gradient), bucket + A + T V b (from
+                the first parameter gradient on DeepSpeed's bucket is allocated, the
+                logits' gradient still live), bucket + gradients (at the end: Z b at
+                ZeRO 2, N b at ZeRO 1, N b + F b at ZeRO 0, which flattens each group
+                for its all-reduce)
+      step      N b + O + gradients + 4 Z (the fp32 gradient partition; ZeRO 1 still
+                holds the bucket); ZeRO 0: + 4 N foreach temporaries (fp32), + 8 N (bf16:
+                the fp32 gradients and their flat copy)
+    The phases are fitted to, and checked against, the allocator's peaks
+    (``benchmarks/memory.py``, README "check"): within 15% for every benchmark config.
+    """
+    zero = zero_optimization or {}
+    base = memory_estimate(model_cfg, moe_cfg, world_size=world_size, ep_size=ep_size, zero_stage=zero_stage,
+                           dtype=dtype, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                           activation_checkpointing=activation_checkpointing)
+    b, n = DTYPE_BYTES[dtype], param_counts(model_cfg, moe_cfg)
+    n_expert = n.expert // ep_size
+    held = n.dense + n_expert
+    shard = math.ceil(n.dense / world_size) + math.ceil(n_expert / (world_size // ep_size))
+    flat = max(n.dense, n_expert)
+    tokens = micro_batch_size * seq_len
+    bucket, source, bucket_bytes = 0, "", 0
+    if zero_stage >= 1:
+        if "reduce_bucket_size" in zero:
+            bucket, source = int(zero["reduce_bucket_size"]), "deepspeed"
+        else:
+            bucket, source = reduce_bucket_default(model_cfg, moe_cfg, ep_size), "derived"
+        if zero.get("contiguous_gradients", True):
+            bucket_bytes = bucket * b * (2 if zero.get("overlap_comm") else 1)
+    a2a = all_to_all_bytes(model_cfg, moe_cfg, ep_size=ep_size, dtype=dtype, tokens=tokens)
+    extra = _expert_row_extra_bytes(model_cfg, moe_cfg, ep_size, b, tokens)
+    if activation_checkpointing and model_cfg.num_moe_blocks:  # one block's, recomputed in backward
+        extra, a2a = extra // model_cfg.num_moe_blocks, a2a // model_cfg.num_moe_blocks
+    acts = base.activations + extra
+    V = model_cfg.vocab_size
+    upcast = 4 * tokens * V if b < 4 else 0  # the loss upcasts bf16 logits: an fp32 [T, V] copy
+    if activation_checkpointing:  # the forward keeps block inputs; a block's tensors or the head's
+        inputs, head = tokens * model_cfg.num_layers * model_cfg.d_model * b, tokens * _head_bytes_per_token(
+            model_cfg, b)
+        forward_acts = inputs + max(acts - inputs - head + a2a, head + upcast)
+    else:
+        forward_acts = acts + a2a + upcast
+    live = base.params + base.optimizer
+    build = 4 * held + 4 * model_cfg.vocab_size * embed_width(model_cfg)
+    cast = 4 * held + held * b if b < 4 else 0
+    if zero_stage >= 1:
+        engine = max(cast, held * b + max(flat * b, 8 * shard))
+        grads = (shard if zero_stage == 2 else held) * b
+        step_extra = 4 * shard + (bucket_bytes if zero_stage == 1 else 0)
+    elif dtype != "fp32":
+        engine = max(cast, held * b + 20 * held)
+        grads = held * b + flat * b
+        step_extra = 8 * held
+    else:
+        engine = build
+        grads = held * b + flat * b
+        step_extra = 4 * held
+    logits_grad = tokens * V * b
+    phases = {"build": build, "engine": engine, "forward": live + forward_acts,
+              "backward": live + max(acts + a2a + upcast + 4 * tokens * V + logits_grad,
+                                     bucket_bytes + acts + a2a + logits_grad, bucket_bytes + grads),
+              "step": live + grads + step_extra}
+    parts = {"parameters": base.params, "gradients": base.grads, "optimizer state": base.optimizer,
+             "reduce bucket": bucket_bytes, "all-to-all buffers": a2a,
+             f"activations per micro-batch ({micro_batch_size} x {seq_len} tokens)": acts,
+             "model build (fp32, before DeepSpeed casts and flattens it)": build}
+    worst = _dropless_worst_case_bytes(model_cfg, moe_cfg, ep_size, b, tokens)
+    return MemoryPlan(parts=parts, phases=phases, reduce_bucket=bucket, bucket_source=source,
+                      worst_case_extra=worst, bucket_bytes_per_element=b)
+
+
+def _expert_row_extra_bytes(model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_size: int, b: int,
+                            tokens: int) -> int:
+    """What ``memory_estimate``'s k(2D + a*F) per token leaves out of the MoE blocks'
+    saved tensors: one more D per expert row (the experts' output rows, gathered for the
+    gated combine), and at ep > 1 the rows a capacity adds beyond k * T, where the
+    [E, C, D] slots are exchanged and computed, empty ones too ((E * C - k * T) rows of
+    3D + a*F). At ep 1 the kept rows are packed into k * T (``moe/dispatcher.py``).
+    Per MoE block; measured against the tensors autograd saves in tests/test_memory_plan.py."""
+    if model_cfg.num_moe_blocks == 0:
+        return 0
+    rows = (_expert_rows_per_token(moe_cfg, tokens) if ep_size > 1 else moe_cfg.top_k) * tokens
+    padding = rows - moe_cfg.top_k * tokens
+    per_row = 3 * model_cfg.d_model + _mlp_mult(moe_cfg.activation) * moe_cfg.d_ff
+    return int(model_cfg.num_moe_blocks * (rows * model_cfg.d_model + padding * (per_row - model_cfg.d_model)) * b)
+
+
+def _dropless_worst_case_bytes(model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_size: int, b: int,
+                               tokens: int) -> int:
+    """Dropless, the experts of one rank may receive every assignment of the EP group
+    (ep * k * T rows instead of k * T): the extra rows' activations and exchange buffers."""
+    if moe_cfg.capacity_factor is not None or model_cfg.num_moe_blocks == 0 or ep_size == 1:
+        return 0
+    extra_rows = (ep_size - 1) * moe_cfg.top_k * tokens
+    per_row = 4 * model_cfg.d_model + _mlp_mult(moe_cfg.activation) * moe_cfg.d_ff
+    return int(model_cfg.num_moe_blocks * extra_rows * per_row * b)

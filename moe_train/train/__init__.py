@@ -9,6 +9,8 @@
   ``control``       stop requests from signals and the Slurm time limit; exit codes
   ``determinism``   ``train.deterministic``
   ``faults``        the one seam for test faults (empty in production)
+  ``memory_probe``  the allocator's peak per training phase (``check --measure``,
+                    ``benchmarks/memory.py``)
   ``metrics/``      TensorBoard writer, reductions, routing health, perf, console line
 
 May import: everything below it (``config``, ``checkpoint``, ``model``, ``moe``,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from moe_train.config import Config, OptimConfig, deepspeed_config
+from moe_train.model.sizing import with_bucket_default
 from moe_train.moe.layer import MoELayer
 from moe_train.parallel.groups import ParallelGroups
 
@@ -230,8 +231,14 @@ def _keep_kernel_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> di
 def merged_deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Our derived DeepSpeed config with the ``deepspeed:`` passthrough section merged in.
     Derived keys win; a passthrough key that sets one of them to another value is an
-    error naming both (checked again in ``config.validate``)."""
-    ds = deepspeed_config(cfg, world_size)
+    error naming both (checked again in ``config.validate``).
+
+    At ZeRO 1 and 2 ``zero_optimization.reduce_bucket_size`` defaults to the gradient
+    elements one rank reduces (``sizing.reduce_bucket_default``) instead of DeepSpeed's
+    5e8, which it allocates in full at every backward (2 GB in fp32 for any model); the
+    passthrough's value, when set, is used as given."""
+    ds = with_bucket_default(deepspeed_config(cfg, world_size), cfg.model, cfg.moe,
+                             cfg.parallel.expert_parallel_size)
     if cfg.parallel.zero_stage == 0:
         ds["gradient_clipping"] = 0.0  # ZeRO-0: moe_train clips (module docstring)
     return ds
