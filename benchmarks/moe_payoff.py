@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.switch_vs_dense import (BASE_YAML, REPO, LoadSampler, corpus_name, first_reach, git_commit,
-                                        machine_line, read_run, run_model)
+                                        machine_line, read_run, run_model, time_steps)
 
 COMMON = ["model.vocab_size=2048", "model.d_model=128", "model.num_heads=4", "model.num_layers=4",
           "model.d_ff=512", "model.max_seq_len=128", "data.seq_len=128", "data.micro_batch_size=8",
@@ -221,50 +221,6 @@ def summarize(runs: dict, finalist: str, max_epochs: float) -> dict:
         "targets": {"goal_step_speedup": 2.0, "min_step_speedup": 1.5, "min_wall_speedup": 1.3,
                     "gap_over_spread": 3.0},
     }
-
-
-# ------------------------------------------------------------------------ timing
-
-
-def time_steps(overrides: dict[str, list[str]], manifest: Path, work: Path, reps: int, warmup: int) -> dict:
-    """Seconds per step of each model, the models' steps interleaved in one process (one
-    thread), minimum over ``reps`` rounds after ``warmup``: what a step costs when every
-    model sees the same machine at the same moment."""
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    from moe_train.data import build_train_loader
-    from moe_train.model.build import build_model
-    from moe_train.parallel.groups import build_groups
-    from moe_train.parallel.init import init_distributed
-    from moe_train.parallel.topology import Topology
-    from moe_train.train.control import StopRequest
-    from moe_train.train.engine import build_engine
-    from moe_train.train.step import train_step
-
-    torch.set_num_threads(1)
-    env, device = init_distributed("cpu", "gloo", 600, always_group=True)
-    try:
-        steppers = {}
-        for name, sets in overrides.items():
-            cfg = _config(sets + [f"data.manifest={manifest}", "logging.tensorboard=false",
-                                  f"checkpoint.dir={work / 'timing'}"])
-            groups = build_groups(Topology(1, 1, cfg.moe.num_experts), 0)
-            engine = build_engine(cfg, build_model(cfg, groups, device), groups)
-            steppers[name] = (engine, iter(build_train_loader(cfg.data, 0, 1)), cfg, groups)
-        times: dict[str, list[float]] = {name: [] for name in steppers}
-        for rnd in range(warmup + reps):
-            for name, (engine, batches, cfg, groups) in steppers.items():
-                t0 = time.perf_counter()
-                train_step(engine, batches, cfg, groups, device, rnd + 1, StopRequest())
-                if rnd >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return {name: min(ts) for name, ts in times.items()}
 
 
 # ------------------------------------------------------------------------ writing
@@ -455,8 +411,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 second[f"dense@{seed}"] = variant_overrides("dense", seed)
                 second[f"{finalist}@{seed}"] = variant_overrides(finalist, seed)
             launch(second)
-        timed = {n: variant_overrides(n, 0) for n in names}
-        step_times = time_steps(timed, manifest, work, args.time_reps, 3) if args.time_reps else {}
+        # what a step costs when every model sees the same machine at the same moment
+        timed = {n: variant_overrides(n, 0) + [f"data.manifest={manifest}", f"checkpoint.dir={work / 'timing'}"]
+                 for n in names}
+        step_times = ({n: t["min_s"] for n, t in time_steps(timed, 1, args.time_reps, 3).items()}
+                      if args.time_reps else {})
         for key, run in runs.items():
             run["step_time_s"] = step_times.get(key.split("@")[0])
         tokens_per_step = 8 * 128

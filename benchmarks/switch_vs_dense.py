@@ -132,11 +132,12 @@ def run_model(name: str, overrides: list[str], run_dir: Path, threads: int) -> d
     return {"elapsed_s": time.time() - start, "load_before": load_before, "load_after": load_average()}
 
 
-def time_steps(names: list[str], args: argparse.Namespace, manifest: Path, work: Path) -> dict:
-    """Seconds per training step of each model with the models' steps INTERLEAVED (one
-    step of each in turn, so a busy neighbour slows all alike): ``moe_train.train.
-    train_step`` on the real engine and real batches, after --time-warmup steps each;
-    min and median over --time-reps rounds. In this process (world 1)."""
+def time_steps(overrides: dict[str, list[str]], threads: int, reps: int, warmup: int) -> dict:
+    """Seconds per training step of each model (name: its --set overrides on BASE_YAML, data
+    manifest included) with the models' steps INTERLEAVED (one step of each in turn, so a
+    busy neighbour slows all alike): ``moe_train.train.train_step`` on the real engine and
+    real batches, after ``warmup`` steps each; min and median over ``reps`` rounds. In
+    this process (world 1), ``threads`` threads."""
     import statistics
 
     import torch
@@ -152,22 +153,22 @@ def time_steps(names: list[str], args: argparse.Namespace, manifest: Path, work:
     from moe_train.train.engine import build_engine
     from moe_train.train.step import train_step
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     env, device = init_distributed("cpu", "gloo", 600, always_group=True)
     try:
         steppers = {}
-        for name in names:
-            cfg = load_config(BASE_YAML, model_overrides(name, args, manifest, work / name))
+        for name, sets in overrides.items():
+            cfg = load_config(BASE_YAML, sets + ["logging.tensorboard=false"])
             groups = build_groups(Topology(1, 1, cfg.moe.num_experts), 0)
             engine = build_engine(cfg, build_model(cfg, groups, device), groups)
             batches = iter(build_train_loader(cfg.data, 0, 1))
             steppers[name] = (engine, batches, cfg, groups)
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for rnd in range(args.time_warmup + args.time_reps):
+        times: dict[str, list[float]] = {name: [] for name in steppers}
+        for rnd in range(warmup + reps):
             for name, (engine, batches, cfg, groups) in steppers.items():
                 t0 = time.perf_counter()
                 train_step(engine, batches, cfg, groups, device, rnd + 1, StopRequest())
-                if rnd >= args.time_warmup:
+                if rnd >= warmup:
                     times[name].append(time.perf_counter() - t0)
     finally:
         if dist.is_initialized():
@@ -476,7 +477,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                           "elapsed_s": round(meta[name]["elapsed_s"], 1),
                           "load_average_before_after": [meta[name]["load_before"], meta[name]["load_after"]],
                           "overrides": overrides[name]}
-        step_times = time_steps(names, args, manifest, work) if args.time_reps else None
+        step_times = (time_steps(overrides, args.threads, args.time_reps, args.time_warmup)
+                      if args.time_reps else None)
         result = {"runs": runs, "summary": summarize(runs, step_times), "step_times": step_times,
                   "command": command.strip(), "base_config": str(BASE_YAML.relative_to(REPO)),
                   "corpus": corpus_name(manifest),

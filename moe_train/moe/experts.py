@@ -352,5 +352,5 @@ class GroupedExperts(nn.Module):
 
 def _grouped_mm_aligned(dtype: torch.dtype, d_model: int, d_ff: int) -> bool:
     """torch._grouped_mm (CPU too) needs every row stride to be a multiple of 16 bytes."""
-    elems = 16 // torch.empty(0, dtype=dtype).element_size()
+    elems = 16 // dtype.itemsize
     return d_model % elems == 0 and d_ff % elems == 0
